@@ -1,0 +1,39 @@
+# The first two commands a newcomer runs: `make serve` and `make test`.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMP := .venv/.installed
+
+.PHONY: setup test lint serve embedded data clean
+
+setup: $(STAMP)
+
+# torch first, pinned: the CPU build is on disk, and an unpinned torch would pull gigabytes of CUDA.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: setup
+	.venv/bin/ruff check .
+
+test: setup lint
+	$(PY) -m pytest -q
+	@if [ -f ../shared/checks/heads_contract.py ]; then $(PY) ../shared/checks/heads_contract.py; fi
+
+serve: setup
+	@echo "the HTTP server lands with the server issue; until then use python -m training.evaluate" >&2; exit 1
+
+data: setup
+	$(PY) -m training.synth --out data/math --train 2000 --test 200 --seed 0
+
+# Rebuilds the embedded default base, the committed heads and their report (about 25 minutes on 2 cores).
+embedded: data
+	$(PY) -m training.pretrain --out models/mini-gpt2
+	$(PY) -m training.fit --data data/math --task math --kind backward_attention --out registry/math
+	$(PY) -m training.fit --data data/math --task math --kind linear --out registry/math-linear
+	$(PY) -m training.evaluate --heads registry/math registry/math-linear --data data/math --out reports/math
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache data

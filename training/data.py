@@ -1,0 +1,183 @@
+"""OpenMathInstruct-2-style rows -> teacher-forcing examples whose loss covers only the target.
+
+Sources: a local JSONL / Parquet file, a folder holding `{split}.jsonl` or `{split}.parquet`, or a
+Hugging Face dataset id (streamed with `datasets` where the hub is reachable). Bad rows are
+skipped and counted, never fatal: real dumps have empty or missing fields.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COLUMNS = ("problem", "generated_solution", "expected_answer")
+PROMPT_TEMPLATE = "Problem: {problem}\nSolution:"
+ANSWER_PREFIX = "Final answer:"
+
+
+class DataError(Exception):
+    """The data source cannot be read at all (missing file, unreachable hub, wrong format)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    problem: str
+    solution: str
+    answer: str
+
+
+@dataclass
+class LoadStats:
+    rows: int = 0
+    kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def format_prompt(problem: str, template: str = PROMPT_TEMPLATE) -> str:
+    return template.replace("{problem}", problem)
+
+
+def format_target(example: Example) -> str:
+    """Solution plus the final answer on its own line, so answers are easy to extract."""
+    return f" {example.solution.strip()}\n{ANSWER_PREFIX} {example.answer.strip()}"
+
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a generated solution: `Final answer:`, else `\\boxed{}`, else the last number."""
+    match = re.search(re.escape(ANSWER_PREFIX) + r"\s*(\S+)", text)
+    if match:
+        return match.group(1).rstrip(".").replace(",", "")
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip()
+    numbers = re.findall(_NUMBER, text)
+    return numbers[-1].rstrip(".").replace(",", "") if numbers else None
+
+
+def _read_jsonl(path: Path) -> Iterator[Any]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    yield None  # counted as a malformed row
+
+
+def _read_parquet(path: Path) -> Iterator[Any]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    for batch in pq.ParquetFile(path).iter_batches(columns=None):
+        yield from batch.to_pylist()
+
+
+def _read_hub(dataset_id: str, split: str) -> Iterator[Any]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{dataset_id!r} is not a local file or folder, and reading it from the Hugging Face hub "
+                        "needs the 'datasets' package (pip install 'headserve[hub]')") from None
+    try:
+        yield from datasets.load_dataset(dataset_id, split=split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - the hub raises many kinds; all mean "cannot read it"
+        raise DataError(f"cannot read {dataset_id!r} (split {split!r}) from the Hugging Face hub: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _rows(source: str, split: str) -> Iterator[Any]:
+    path = Path(source)
+    if path.is_dir():
+        for suffix, reader in ((".jsonl", _read_jsonl), (".parquet", _read_parquet)):
+            candidate = path / f"{split}{suffix}"
+            if candidate.is_file():
+                return reader(candidate)
+        raise DataError(f"{path}: no {split}.jsonl or {split}.parquet in this folder")
+    if path.is_file():
+        if path.suffix in (".jsonl", ".json"):
+            return _read_jsonl(path)
+        if path.suffix == ".parquet":
+            return _read_parquet(path)
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
+        return _read_hub(source, split)
+    raise DataError(f"{source}: no such file or folder")
+
+
+def load_examples(source: str, split: str = "train", limit: int | None = None) -> tuple[list[Example], LoadStats]:
+    stats = LoadStats()
+    examples: list[Example] = []
+    for row in _rows(str(source), split):
+        if limit is not None and len(examples) >= limit:
+            break
+        stats.rows += 1
+        if not isinstance(row, dict):
+            stats.skip("malformed row")
+            continue
+        values = [row.get(c) for c in COLUMNS]
+        if any(v is None for v in values):
+            stats.skip("missing field")
+            continue
+        problem, solution, answer = (str(v).strip() for v in values)
+        if not problem or not solution or not answer:
+            stats.skip("empty field")
+            continue
+        examples.append(Example(problem, solution, answer))
+    stats.kept = len(examples)
+    return examples, stats
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0  # target cut to fit the context
+    dropped: int = 0  # prompt alone leaves no room for any target token
+    target_tokens: int = 0
+
+
+def encode(examples: Iterable[Example], tokenizer: Any, max_len: int, template: str = PROMPT_TEMPLATE,
+           ) -> tuple[list[tuple[list[int], int]], EncodeStats]:
+    """-> [(ids, prompt_len)]: prompt then target then EOS, cut to `max_len` tokens."""
+    stats = EncodeStats()
+    out: list[tuple[list[int], int]] = []
+    eos = tokenizer.eos_token_id
+    for ex in examples:
+        prompt = tokenizer(format_prompt(ex.problem, template))["input_ids"]
+        target = tokenizer(format_target(ex))["input_ids"] + ([eos] if eos is not None else [])
+        if len(prompt) >= max_len:
+            stats.dropped += 1
+            continue
+        ids = prompt + target
+        if len(ids) > max_len:
+            stats.truncated += 1
+            ids = ids[:max_len]
+        stats.examples += 1
+        stats.target_tokens += len(ids) - len(prompt)
+        out.append((ids, len(prompt)))
+    return out, stats
+
+
+def collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 on prompt and padding."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, (ids, prompt_len) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, prompt_len: len(ids)] = torch.tensor(ids[prompt_len:])
+    return input_ids, mask, labels
