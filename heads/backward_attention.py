@@ -27,6 +27,10 @@ from heads.registry import register_head
 WEIGHTINGS = ("logits", "probs")
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclass
 class BackwardAttentionConfig:
     latent_dim: int | None = 64  # L: project the vocabulary to this width first; None keeps D (bigger head)
@@ -39,17 +43,17 @@ class BackwardAttentionConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field; called before any tensor is built."""
-        if self.latent_dim is not None and (not isinstance(self.latent_dim, int) or self.latent_dim < 1):
+        if self.latent_dim is not None and not _positive_int(self.latent_dim):
             raise ValueError(f"latent_dim must be a positive integer or null, got {self.latent_dim!r}")
-        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+        if not _positive_int(self.num_heads):
             raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
+        if self.head_dim is not None and not _positive_int(self.head_dim):
             raise ValueError(f"head_dim must be a positive integer or null, got {self.head_dim!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not isinstance(self.residual, bool):
             raise ValueError(f"residual must be true or false, got {self.residual!r}")
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+        if self.chunk_size is not None and not _positive_int(self.chunk_size):
             raise ValueError(f"chunk_size must be a positive integer or null, got {self.chunk_size!r}")
         if not isinstance(self.eps, float) or not self.eps > 0:
             raise ValueError(f"eps must be a positive float, got {self.eps!r}")

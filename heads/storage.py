@@ -23,7 +23,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from heads.errors import BaseMismatchError, HeadFormatError
+from heads.errors import BaseMismatchError, HeadError, HeadFormatError
 from heads.registry import get_head_type
 
 CONFIG_NAME = "head_config.json"
@@ -122,14 +122,15 @@ def read_metadata(head_dir: str | os.PathLike[str]) -> HeadMetadata:
     path = Path(head_dir) / CONFIG_NAME
     if not path.is_file():
         raise HeadFormatError(f"{path}: missing (a head folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    return parse_metadata(path.read_bytes(), source=str(path))
+
+
+def parse_metadata(config_bytes: bytes, source: str = CONFIG_NAME) -> HeadMetadata:
+    """head_config.json bytes -> checked metadata; every failure names the field at fault."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(config_bytes.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeadFormatError(f"{path}: not valid JSON ({e})") from None
-    return metadata_from_dict(raw, source=str(path))
-
-
-def metadata_from_dict(raw: Any, source: str = CONFIG_NAME) -> HeadMetadata:
+        raise HeadFormatError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise HeadFormatError(f"{source}: must hold a JSON object")
     known = {f.name for f in dataclasses.fields(HeadMetadata)}
@@ -139,7 +140,8 @@ def metadata_from_dict(raw: Any, source: str = CONFIG_NAME) -> HeadMetadata:
     for name in ("head_type", "config", "vocab_size", "n_embd"):
         if name not in raw:
             raise HeadFormatError(f"{source}: missing required field {name!r}")
-    if raw.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+    version = raw.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or version != FORMAT_VERSION:
         raise HeadFormatError(f"{source}: format_version {raw['format_version']!r} is not supported "
                               f"(this build reads {FORMAT_VERSION})")
     for name in ("vocab_size", "n_embd"):
@@ -204,11 +206,7 @@ def check_base(meta: HeadMetadata, *, fingerprint: str | None, vocab_size: int |
 def load_head_bytes(config_bytes: bytes, weights_bytes: bytes, *, fingerprint: str | None = None,
                     vocab_size: int | None = None, n_embd: int | None = None) -> tuple[nn.Module, HeadMetadata]:
     """Validate and build a head from raw file contents (uploads are checked before touching disk)."""
-    try:
-        raw = json.loads(config_bytes.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeadFormatError(f"{CONFIG_NAME}: not valid JSON ({e})") from None
-    meta = metadata_from_dict(raw)
+    meta = parse_metadata(config_bytes)
     check_base(meta, fingerprint=fingerprint, vocab_size=vocab_size, n_embd=n_embd)
     module = build_head(meta)
     try:
@@ -237,5 +235,5 @@ def load_head(head_dir: str | os.PathLike[str], *, fingerprint: str | None = Non
     try:
         return load_head_bytes(config_path.read_bytes(), weights.read_bytes(), fingerprint=fingerprint,
                                vocab_size=vocab_size, n_embd=n_embd)
-    except HeadFormatError as e:
+    except HeadError as e:
         raise type(e)(f"{path}: {e}") from None

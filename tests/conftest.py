@@ -11,6 +11,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from training import synth
 from training.pretrain import train_tokenizer
 
+# Tiny models gain nothing from a second thread, and OpenMP spinning on a busy 2-core machine
+# makes every step many times slower.
+torch.set_num_threads(1)
+
 
 def make_tiny_base(path: Path, seed: int = 0, n_embd: int = 32) -> Path:
     """A random 2-layer GPT-2 with its own byte-level BPE tokenizer, saved as an HF folder."""

@@ -1,0 +1,93 @@
+"""`python -m training.evaluate` in-process on the tiny base: reports, their numbers, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import training.data
+from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
+from heads.base import load_base
+from training.evaluate import main
+
+TIMING = ("generation_seconds", "tokens_per_s")
+
+
+def _save_head(base_dir: Path, out: Path) -> str:
+    base = load_base(str(base_dir))
+    head = BackwardAttentionHead(BackwardAttentionConfig(latent_dim=16, num_heads=2), vocab_size=base.vocab_size,
+                                 n_embd=base.n_embd)
+    save_head(head, out, base.info(), task="math", prompt_template=training.data.PROMPT_TEMPLATE)
+    return base.fingerprint
+
+
+@pytest.fixture(scope="module")
+def head_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("heads") / "math-ba"
+    _save_head(tiny_base_dir, out)
+    return out
+
+
+def _run(tiny_base_dir: Path, heads: list[Path], data: Path, out: Path, *extra: str) -> dict[str, Any]:
+    main(["--base", str(tiny_base_dir), "--heads", *map(str, heads), "--data", str(data), "--out", str(out),
+          "--limit", "4", "--max-new-tokens", "8", "--batch-size", "3", "--seed", "5", *extra])
+    return json.loads((out / "report.json").read_text())  # type: ignore[no-any-return]
+
+
+def _without_timing(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in report["rows"]]
+
+
+def test_report_files_and_numbers(tiny_base_dir: Path, head_dir: Path, synth_dir: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    report = _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "a")
+    for name in ("report.json", "report.md", "report.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    assert (tmp_path / "a" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["name"] for r in report["rows"]] == ["greedy", "top_k", "math-ba"]
+    assert report["n_examples"] == 4 and report["seed"] == 5 and report["max_new_tokens"] == 8
+    assert report["base_fingerprint"] == load_base(str(tiny_base_dir)).fingerprint
+    for row in report["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["accuracy_ci_low"] <= row["accuracy"] <= row["accuracy_ci_high"]
+        assert row["perplexity"] == pytest.approx(math.exp(row["cross_entropy"]), rel=1e-12)
+        assert 0 < row["generated_tokens"] <= 4 * 8 and row["n"] == 4
+        assert 0.0 <= row["token_f1"] <= 1.0 and row["n_parsed"] <= 4
+        assert len(row["samples"]) == 3
+    greedy, top_k, head = report["rows"]
+    # A random base over a ~300-token vocabulary is near uniform: CE close to log(V), not 0 and not huge.
+    assert 0.5 * math.log(300) < greedy["cross_entropy"] < 2 * math.log(300)
+    assert top_k["cross_entropy"] == greedy["cross_entropy"]  # same base distribution
+    # The head's residual starts at alpha=1 with a zero query: it still is the base distribution.
+    assert head["cross_entropy"] == pytest.approx(greedy["cross_entropy"], abs=1e-4)
+    assert [s["generated_text"] for s in head["samples"]] == [s["generated_text"] for s in greedy["samples"]]
+    markdown = (tmp_path / "a" / "report.md").read_text()
+    assert "| math-ba |" in markdown and "top_k" in markdown
+    assert "| greedy |" in capsys.readouterr().out
+
+
+def test_same_seed_gives_same_metrics(tiny_base_dir: Path, head_dir: Path, synth_dir: Path, tmp_path: Path) -> None:
+    first = _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "a", "--top-k", "20")
+    second = _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "b", "--top-k", "20")
+    assert _without_timing(first) == _without_timing(second)
+
+
+def test_base_rows_only_without_heads(tiny_base_dir: Path, synth_dir: Path, tmp_path: Path) -> None:
+    report = _run(tiny_base_dir, [], synth_dir, tmp_path / "a")
+    assert [r["name"] for r in report["rows"]] == ["greedy", "top_k"]
+
+
+def test_head_for_another_base_exits_2(tiny_base_dir: Path, other_base_dir: Path, synth_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    other_fingerprint = _save_head(other_base_dir, tmp_path / "foreign")
+    with pytest.raises(SystemExit) as exc:
+        _run(tiny_base_dir, [tmp_path / "foreign"], synth_dir, tmp_path / "out")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert other_fingerprint in err and load_base(str(tiny_base_dir)).fingerprint in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "report.json").exists()

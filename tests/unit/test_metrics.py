@@ -1,0 +1,107 @@
+"""Scoring functions on hand-made cases whose answers can be worked out on paper."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from training.metrics import (
+    accuracy_with_ci,
+    bootstrap_ci,
+    exact_matches,
+    mean_token_prf,
+    normalize_answer,
+    numeric_errors,
+    parse_number,
+    token_prf,
+)
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("12", 12.0), ("12.0", 12.0), ("-3.5", -3.5), ("1,200", 1200.0), ("$45.", 45.0), (" 7 ", 7.0),
+    ("3/4", 0.75), ("abc", None), ("", None), (None, None), ("inf", None), ("nan", None), ("1/0", None),
+    ("12 apples", None),
+])
+def test_parse_number(text: str | None, value: float | None) -> None:
+    assert parse_number(text) == value
+
+
+def test_normalize_answer_compares_numbers_by_value() -> None:
+    assert normalize_answer("12.0") == normalize_answer("12") == "12"
+    assert normalize_answer("0.50") == normalize_answer(".5") == "0.5"
+    assert normalize_answer(" Yes. ") == "yes"
+    assert normalize_answer(None) is None
+
+
+def test_exact_matches() -> None:
+    got = exact_matches(["12.0", "7", None, "x", "1,000"], ["12", "8", "3", "X", "1000"])
+    assert got == [True, False, False, True, True]
+    with pytest.raises(ValueError, match="differ in length"):
+        exact_matches(["1"], ["1", "2"])
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean() -> None:
+    values = [1.0] * 30 + [0.0] * 70
+    low, high = bootstrap_ci(values, seed=3)
+    assert (low, high) == bootstrap_ci(values, seed=3)
+    assert (low, high) != bootstrap_ci(values, seed=4)
+    assert low < 0.3 < high
+    # Normal approximation: 0.3 +- 1.96 * sqrt(0.3 * 0.7 / 100) = [0.210, 0.390]; bootstrap lands close.
+    assert low == pytest.approx(0.21, abs=0.03) and high == pytest.approx(0.39, abs=0.03)
+    assert bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)  # no spread, no interval
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_bootstrap_ci_matches_a_direct_percentile_computation() -> None:
+    values = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    rng = np.random.default_rng(11)
+    means = values[rng.integers(0, 5, size=(1000, 5))].mean(axis=1)
+    assert bootstrap_ci(values.tolist(), seed=11) == tuple(np.percentile(means, [2.5, 97.5]))
+
+
+def test_accuracy_with_ci() -> None:
+    acc = accuracy_with_ci(["1", "2", "3", "4"], ["1", "2", "0", "0"], seed=0)
+    assert acc.accuracy == 0.5 and acc.n_correct == 2 and acc.n == 4
+    assert acc.ci_low <= 0.5 <= acc.ci_high and acc.ci_low >= 0.0 and acc.ci_high <= 1.0
+    assert acc == accuracy_with_ci(["1", "2", "3", "4"], ["1", "2", "0", "0"], seed=0)
+    with pytest.raises(ValueError):
+        accuracy_with_ci([], [])
+
+
+def test_numeric_errors_on_known_values() -> None:
+    # errors 1, -2, 3 over parseable pairs; "x" and None are skipped, so are pairs with a non-numeric expected.
+    errors = numeric_errors(["11", "8", "x", None, "13", "5"], ["10", "10", "4", "4", "10", "seven"])
+    assert errors.n_parsed == 3
+    assert errors.mse == pytest.approx((1 + 4 + 9) / 3)
+    assert errors.rmse == pytest.approx(math.sqrt(14 / 3))
+
+
+def test_numeric_errors_without_parseable_answers() -> None:
+    errors = numeric_errors([None, "abc"], ["1", "2"])
+    assert (errors.mse, errors.rmse, errors.n_parsed) == (None, None, 0)
+    assert numeric_errors(["3"], ["3.0"]).mse == 0.0
+
+
+def test_token_prf_on_known_overlaps() -> None:
+    # predicted {1,2,3,4}, reference {1,2,5}: overlap 2 -> P 2/4, R 2/3, F1 = 2PR/(P+R) = 4/7
+    prf = token_prf([1, 2, 3, 4], [1, 2, 5])
+    assert (prf.precision, prf.recall) == (0.5, pytest.approx(2 / 3))
+    assert prf.f1 == pytest.approx(4 / 7)
+    # Multisets: the reference has one 7, so a prediction of three 7s overlaps only once.
+    prf = token_prf([7, 7, 7], [7, 8])
+    assert (prf.precision, prf.recall, prf.f1) == (pytest.approx(1 / 3), 0.5, pytest.approx(0.4))
+    assert token_prf([1, 2], [2, 1]).f1 == 1.0  # bag of tokens: order does not matter
+    assert token_prf([1], [2]).f1 == 0.0
+    assert token_prf([], []).f1 == 1.0 and token_prf([], [1]).f1 == 0.0 and token_prf([1], []).recall == 0.0
+
+
+def test_mean_token_prf_averages_per_example() -> None:
+    prf = mean_token_prf([[1, 2, 3, 4], [9]], [[1, 2, 5], [9]])
+    assert prf.precision == pytest.approx((0.5 + 1) / 2)
+    assert prf.recall == pytest.approx((2 / 3 + 1) / 2)
+    assert prf.f1 == pytest.approx((4 / 7 + 1) / 2)
+    with pytest.raises(ValueError):
+        mean_token_prf([], [])
