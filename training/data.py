@@ -55,13 +55,20 @@ _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer of a generated solution: `Final answer:`, else `\\boxed{}`, else the last number."""
+    """The final answer of a generated solution, by the most explicit marker present.
+
+    `Final answer:` (our target format), else `\\boxed{}` (OpenMathInstruct-2's), else the first
+    `answer is N` (GSM8K-style, what solutions say before any trailing text), else the last number.
+    """
     match = re.search(re.escape(ANSWER_PREFIX) + r"\s*(\S+)", text)
     if match:
         return match.group(1).rstrip(".").replace(",", "")
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
     if boxed:
         return boxed[-1].strip()
+    stated = re.search(r"answer is\s*(" + _NUMBER + ")", text)
+    if stated:
+        return stated.group(1).rstrip(".").replace(",", "")
     numbers = re.findall(_NUMBER, text)
     return numbers[-1].rstrip(".").replace(",", "") if numbers else None
 

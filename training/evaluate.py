@@ -153,7 +153,10 @@ def evaluate_row(spec: RowSpec, base: Base, examples: list[Example], args: argpa
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    """Fixed digits, or scientific notation once a value is too large to read (runaway answers)."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}e}" if abs(value) >= 1e6 else f"{value:.{digits}f}"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -105,6 +105,8 @@ def test_encode_masks_prompt_and_counts_truncation() -> None:
     ("blah\nFinal answer: 1,234.", "1234"),
     ("the result is \\boxed{42} indeed", "42"),
     ("first 3 then -12.5 last", "-12.5"),
+    ("3 + 4 = 7. The answer is 7.\nFal answer: 141", "7"),
+    ("The answer is 7. More: the answer is 9.", "7"),
     ("no digits here", None),
 ])
 def test_extract_answer(text: str, answer: str | None) -> None:
