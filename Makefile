@@ -23,7 +23,7 @@ test: setup lint
 	@if [ -f ../shared/checks/heads_contract.py ]; then $(PY) ../shared/checks/heads_contract.py; fi
 
 serve: setup
-	@echo "the HTTP server lands with the server issue; until then use python -m training.evaluate" >&2; exit 1
+	$(PY) -m server
 
 data: setup
 	$(PY) -m training.synth --out data/math --train 2000 --test 200 --seed 0

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heads.base import Base
+from heads.sampling import SamplingParams, sample
 from training.data import collate
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,8 @@ def _step_logits(base: Base, head: nn.Module | None) -> Callable[[Tensor], Tenso
 
 
 def _choose(logits: Tensor, strategy: Strategy, top_k: int, generator: torch.Generator | None) -> Tensor:
-    """(B, V) logits -> (B,) next ids: argmax, or a draw from the renormalised top k."""
-    if strategy == "greedy":
-        return logits.argmax(dim=-1)
-    values, indices = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)  # (B, k)
-    draw = torch.multinomial(F.softmax(values, dim=-1), 1, generator=generator)  # (B, 1)
-    return indices.gather(-1, draw).squeeze(-1)  # (B,)
+    """(B, V) logits -> (B,) next ids, drawn exactly as the server draws them."""
+    return sample(logits, SamplingParams(strategy=strategy, top_k=top_k), generator)[0]
 
 
 @torch.no_grad()
