@@ -1,0 +1,94 @@
+"""Logits -> next token: greedy, top-k and nucleus (top-p) sampling with temperature.
+
+Pure torch and free of any model, so the server's decode loop and the training/evaluation code
+draw tokens the same way. Every function takes (B, V) logits and returns per-row results; a
+caller that wants per-sequence reproducibility passes each sequence's own `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+STRATEGIES = ("greedy", "top_k", "top_p")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    strategy: str = "greedy"  # "greedy" | "top_k" | "top_p"
+    top_k: int = 50  # candidates kept by "top_k"
+    top_p: float = 0.9  # probability mass kept by "top_p"
+    temperature: float = 1.0  # logits are divided by it before sampling; greedy ignores it
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field, before any tensor work."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.temperature > 0.0:
+            raise ValueError(f"temperature must be positive, got {self.temperature!r}")
+
+
+def scaled_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """(B, V) -> (B, V) float32 logits of the distribution the strategy draws from, before truncation.
+
+    Greedy is temperature-free (dividing by a positive number never moves the argmax), so its
+    log-probabilities are those of the raw logits.
+    """
+    logits = logits.float()
+    return logits if params.strategy == "greedy" else logits / params.temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """(B, V) -> (B, V) with everything below the k-th largest value set to -inf (ties kept)."""
+    k = min(k, logits.shape[-1])
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """(B, V) -> (B, V) keeping the smallest set of tokens whose probability reaches p.
+
+    The most likely token always survives, so p close to 0 degenerates to greedy, never to nothing.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V): mass of strictly more likely tokens
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: Tensor, params: SamplingParams,
+           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(B, V) logits -> ((B,) next ids, (B,) their log-probabilities).
+
+    The log-probability is the log-softmax over the whole vocabulary of the temperature-scaled
+    logits (before top-k/top-p truncation), so it stays comparable across strategies and rows;
+    it is always <= 0.
+    """
+    scaled = scaled_logits(logits, params)  # (B, V)
+    if params.strategy == "greedy":
+        ids = scaled.argmax(dim=-1)  # (B,)
+    else:
+        if params.strategy == "top_k":
+            kept = top_k_filter(scaled, params.top_k)
+        else:
+            kept = top_p_filter(scaled, params.top_p)
+        ids = torch.multinomial(F.softmax(kept, dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+    logprobs = F.log_softmax(scaled, dim=-1).gather(-1, ids[:, None]).squeeze(-1)  # (B,)
+    return ids, logprobs
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator of its own for one sequence: its draws do not depend on what else runs."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

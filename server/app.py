@@ -1,0 +1,190 @@
+"""Build the FastAPI app: state on `app.state`, a lifespan that loads the base, and error mapping.
+
+The base loads in a background thread started by the lifespan, so `/healthz` answers while a big
+base is still loading and `/readyz` (and every route that needs the model) answers 503 until the
+base is loaded, fingerprinted and warmed up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from heads import BaseMismatchError, HeadError, HeadFormatError
+from heads.base import load_base
+from server.engine import Engine
+from server.errors import (
+    AuthInvalidError,
+    AuthMissingError,
+    HeadExistsError,
+    HeadNotFoundError,
+    HeadUnavailableError,
+    InvalidRequestError,
+    NotReadyError,
+    QueueFullError,
+    ServerError,
+    UploadTooLargeError,
+)
+from server.head_cache import HeadCache
+from server.metrics import Metrics
+from server.registry import Registry
+from server.routes import generate, heads, health
+from server.settings import Settings, get_settings
+from server.state import Runtime
+
+log = logging.getLogger(__name__)
+
+# The one place where domain errors become HTTP status codes (most specific class first).
+STATUS_CODES: list[tuple[type[Exception], int]] = [
+    (InvalidRequestError, 422),
+    (HeadNotFoundError, 404),
+    (HeadExistsError, 409),
+    (HeadUnavailableError, 409),
+    (BaseMismatchError, 409),  # an uploaded head trained on another base
+    (HeadFormatError, 422),  # an uploaded head with malformed files
+    (UploadTooLargeError, 413),
+    (QueueFullError, 429),
+    (NotReadyError, 503),
+    (AuthMissingError, 401),
+    (AuthInvalidError, 403),
+]
+
+
+def status_for(error: Exception) -> int:
+    for cls, status in STATUS_CODES:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="headserve", version="1", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.registry = Registry(settings.heads_dir)
+    app.state.runtime = None  # set by the loader once the base is ready
+    app.state.load_error = None
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
+    app.add_exception_handler(ServerError, _domain_error)
+    app.add_exception_handler(HeadError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    for router in (generate.router, heads.router, health.router):
+        app.include_router(router)
+    return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    stopping = threading.Event()
+    loader = threading.Thread(target=load_runtime, args=(app, stopping), name="headserve-loader", daemon=True)
+    loader.start()
+    try:
+        yield
+    finally:
+        stopping.set()
+        loader.join(timeout=60)
+        runtime: Runtime | None = app.state.runtime
+        if runtime is not None:
+            runtime.engine.stop()
+        app.state.runtime = None
+
+
+def load_runtime(app: FastAPI, stopping: threading.Event) -> None:
+    """Load, fingerprint and warm up the base, start the engine, then flip readiness."""
+    settings: Settings = app.state.settings
+    start = time.perf_counter()
+    try:
+        base = load_base(settings.base_model, device=settings.device, dtype=settings.torch_dtype)
+        head_cache = HeadCache(app.state.registry, base, app.state.metrics, settings.head_cache_size)
+        engine = Engine(base, head_cache, app.state.metrics, settings.max_queue)
+        engine.warm_up()
+    except Exception as e:
+        log.exception("loading the base model %r failed", settings.base_model)
+        app.state.load_error = f"{type(e).__name__}: {e}"
+        return
+    if stopping.is_set():
+        return
+    engine.start()
+    app.state.runtime = Runtime(base=base, engine=engine, head_cache=head_cache,
+                                prompt_token_limit=settings.prompt_token_limit(base.n_positions),
+                                device=str(base.device))
+    log.info("ready: base %s (%s) on %s in %.1fs", base.name, base.fingerprint, base.device,
+             time.perf_counter() - start)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    status = status_for(exc)
+    headers = {}
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, AuthMissingError):
+        headers["WWW-Authenticate"] = "Bearer"
+    if status == 500:  # a ServerError subclass nobody mapped: a bug, not the client's fault
+        log.error("unmapped domain error %s: %s", type(exc).__name__, exc)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    return JSONResponse({"detail": describe_validation_errors(errors)}, status_code=422)
+
+
+def describe_validation_errors(errors: Any) -> str:
+    """FastAPI's list of error dicts -> one readable line, e.g. 'body.max_new_tokens: Input should be ...'."""
+    parts = []
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON{': ' + str(reason) if reason else ''}")
+            continue
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+class ObservabilityMiddleware:
+    """Request metrics for every route, and the catch-all that turns any unhandled error into a plain 500.
+
+    A pure ASGI middleware sits inside Starlette's error middleware, so it sees the exception
+    before anything could print a traceback to the client; it logs it and answers a generic detail.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status, started = time.perf_counter(), 500, False
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            status = 500
+            await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            head = (scope.get("state") or {}).get("head_label", "")
+            self.metrics.observe_request(path, head, status, time.perf_counter() - start)

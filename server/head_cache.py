@@ -1,0 +1,87 @@
+"""An LRU of heads loaded from the registry and prepared on the device.
+
+Loading a head means reading and validating its safetensors, moving it to the device and calling
+`prepare` (which folds it against the base's embeddings), so it is worth keeping the recently
+used ones. The registry stays the source of truth: every lookup compares the files' stamp (inode,
+mtime, size) with the cached one and reloads a head that was replaced on disk. Eviction only
+drops the cache's reference; a sequence that is generating holds its own, so it finishes normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from torch import nn
+
+from heads import HeadError, HeadMetadata, load_head
+from heads.base import Base
+from server.errors import HeadNotFoundError, HeadUnavailableError
+from server.metrics import Metrics
+from server.registry import HeadStamp, Registry, public_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedHead:
+    name: str
+    module: nn.Module  # prepared, on the base's device, eval mode
+    meta: HeadMetadata
+    stamp: HeadStamp
+
+
+class HeadCache:
+    def __init__(self, registry: Registry, base: Base, metrics: Metrics, capacity: int) -> None:
+        self.registry, self.base, self.metrics, self.capacity = registry, base, metrics, capacity
+        self._heads: OrderedDict[str, LoadedHead] = OrderedDict()
+        self._lock = threading.Lock()  # the worker loads; request handlers ask what is resident
+
+    def get(self, name: str) -> LoadedHead:
+        """The prepared head, loading it (and evicting the least recently used) when needed."""
+        stamp = self.registry.stamp(name)
+        with self._lock:
+            cached = self._heads.get(name)
+            if cached is not None and cached.stamp == stamp:
+                self._heads.move_to_end(name)
+                return cached
+        loaded = self._load(name, stamp)
+        with self._lock:
+            self._heads[name] = loaded
+            self._heads.move_to_end(name)
+            while len(self._heads) > self.capacity:
+                evicted, _ = self._heads.popitem(last=False)
+                log.info("evicted head %r from the cache", evicted)
+            self.metrics.heads_resident.set(len(self._heads))
+        return loaded
+
+    def _load(self, name: str, stamp: HeadStamp) -> LoadedHead:
+        start = time.perf_counter()
+        try:
+            module, meta = load_head(self.registry.path(name), fingerprint=self.base.fingerprint,
+                                     vocab_size=self.base.vocab_size, n_embd=self.base.n_embd)
+        except FileNotFoundError:
+            raise HeadNotFoundError(f"no head named {name!r}") from None
+        except HeadError as e:  # a hand-copied head that is broken or trained on another base
+            reason = public_message(e, self.registry.root)
+            raise HeadUnavailableError(f"head {name!r} cannot be served: {reason}") from None
+        module.to(self.base.device)  # heads keep their float32 weights; decode casts hidden states to them
+        module.prepare(self.base.embeddings)  # type: ignore[operator]
+        seconds = time.perf_counter() - start
+        self.metrics.head_load_seconds.observe(seconds)
+        self.metrics.head_loads_total.labels(head=name).inc()
+        log.info("loaded head %r (%s) in %.3fs", name, meta.head_type, seconds)
+        return LoadedHead(name=name, module=module, meta=meta, stamp=stamp)
+
+    def discard(self, name: str) -> None:
+        """Forget a deleted head; requests still using it keep their own reference."""
+        with self._lock:
+            self._heads.pop(name, None)
+            self.metrics.heads_resident.set(len(self._heads))
+
+    def resident(self) -> set[str]:
+        with self._lock:
+            return set(self._heads)

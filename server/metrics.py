@@ -1,0 +1,47 @@
+"""Prometheus metrics, one `CollectorRegistry` per app so several apps in one process never clash.
+
+The base model's own linear head is labelled `base`; heads are labelled by their registry name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BASE_LABEL = "base"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram("headserve_request_duration_seconds", "HTTP request latency",
+                                          ["route", "head", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests_total = Counter("headserve_requests_total", "HTTP requests answered",
+                                      ["route", "head", "status"], registry=r)
+        self.time_to_first_token = Histogram("headserve_time_to_first_token_seconds",
+                                             "Request accepted -> first generated token", ["head"],
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram("headserve_inter_token_latency_seconds",
+                                             "Time between consecutive generated tokens", ["head"],
+                                             buckets=STEP_BUCKETS, registry=r)
+        self.queue_wait = Histogram("headserve_queue_wait_seconds", "Request accepted -> the worker starts it",
+                                    ["head"], buckets=LATENCY_BUCKETS, registry=r)
+        self.generated_tokens = Counter("headserve_generated_tokens_total", "Tokens generated",
+                                        ["head", "decoder"], registry=r)
+        self.head_load_seconds = Histogram("headserve_head_load_seconds", "Load, validate and prepare one head",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.head_loads_total = Counter("headserve_head_loads_total", "Heads loaded into the cache", ["head"],
+                                        registry=r)
+        self.heads_resident = Gauge("headserve_heads_resident", "Prepared heads held in the cache", registry=r)
+        self.queue_size = Gauge("headserve_queue_size", "Requests waiting for the engine worker", registry=r)
+
+    def observe_request(self, route: str, head: str, status: int, seconds: float) -> None:
+        self.request_duration.labels(route=route, head=head, status=str(status)).observe(seconds)
+        self.requests_total.labels(route=route, head=head, status=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

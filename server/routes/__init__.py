@@ -1,0 +1,1 @@
+"""One router per resource: generation, heads, and operations (health, readiness, metrics)."""

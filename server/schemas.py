@@ -1,0 +1,121 @@
+"""Request and response bodies of the HTTP API (docs/api.md); unknown request fields are rejected."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+HEAD_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+DEFAULT_MAX_NEW_TOKENS = 64
+COMPARE_ALL = ("greedy", "top_k")
+
+HeadName = Annotated[str, Field(pattern=HEAD_NAME_PATTERN, description="[a-z0-9][a-z0-9._-]{0,63}")]
+StopString = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FinishReason(str, Enum):
+    length = "length"  # max_new_tokens or the base context ran out
+    eos = "eos"  # the model produced its end-of-sequence token
+    stop = "stop"  # a stop string appeared; it is trimmed from the text
+
+
+class Decoding(Strict):
+    strategy: Literal["greedy", "top_k", "top_p"] = "greedy"
+    top_k: int = Field(default=50, ge=1, le=1000)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # None: a fresh random seed per request
+
+
+class GenerateRequest(Strict):
+    # The character cap only stops absurd bodies early; the real limit is MAX_PROMPT_TOKENS after formatting.
+    prompt: str = Field(min_length=1, max_length=100_000)
+    head: HeadName | None = None
+    # The upper bound is the MAX_NEW_TOKENS setting, checked by the route; left out, it is 64 or the setting if lower.
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
+    decoding: Decoding = Field(default_factory=Decoding)
+    stop: list[StopString] | None = Field(default=None, max_length=8)
+    compare: bool | list[Literal["greedy", "top_k"]] = False
+    raw: bool = False
+    return_logprobs: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be empty or only whitespace")
+        return prompt
+
+    def comparisons(self) -> list[str]:
+        """The comparison decoders asked for, in order, without repeats."""
+        if self.compare is True:
+            return list(COMPARE_ALL)
+        if self.compare is False:
+            return []
+        return list(dict.fromkeys(self.compare))
+
+
+class Timings(BaseModel):
+    queue_s: float  # accepted -> the worker started it
+    first_token_s: float  # accepted -> first generated token
+    total_s: float  # accepted -> done
+    tokens_per_s: float  # generated tokens / time the worker spent on the request
+
+
+class TokenLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class Comparison(BaseModel):
+    decoder: str  # "linear_greedy" | "linear_top_k"
+    text: str
+    tokens: int
+    finish_reason: FinishReason
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    tokens: int
+    finish_reason: FinishReason
+    head: str | None
+    prompt: str
+    timings: Timings
+    logprobs: list[TokenLogprob] | None = None
+    comparisons: list[Comparison] | None = None
+
+
+class HeadSummary(BaseModel):
+    name: str
+    type: str
+    task: str
+    bytes: int
+    resident: bool
+    prompt_template: str
+    base_model_name_or_path: str | None
+    base_fingerprint: str | None
+    created_at: str
+    config: dict[str, Any]
+    training: dict[str, Any]
+
+
+class HeadList(BaseModel):
+    heads: list[HeadSummary]
+
+
+class Status(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    base: str
+    base_fingerprint: str
+    device: str

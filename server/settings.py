@@ -1,0 +1,58 @@
+"""Server settings: environment variables with the `HEADSERVE_` prefix, overridable per app in tests."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from heads.base import REPO_ROOT, default_base
+
+DEFAULT_MAX_PROMPT_TOKENS = 512
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEADSERVE_", extra="ignore")
+
+    base_model: str = Field(default_factory=default_base)  # HF hub id or local folder
+    heads_dir: Path = REPO_ROOT / "registry"  # the registry: one folder per head, the source of truth
+    device: str = Field(default_factory=_default_device)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # half precision only makes sense on cuda
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_new_tokens: int = Field(default=256, ge=1)  # upper bound a request may ask for
+    max_prompt_tokens: int | None = Field(default=None, ge=1)  # None: 512; always capped by the base context
+    max_queue: int = Field(default=64, ge=0)  # requests waiting for the worker before 429
+    head_cache_size: int = Field(default=8, ge=1)  # prepared heads kept on the device
+    admin_token: SecretStr | None = None  # when set, registering and deleting heads need it
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)  # whole multipart body of POST /heads
+
+    @model_validator(mode="after")
+    def _half_precision_needs_cuda(self) -> Settings:
+        if self.dtype != "float32" and not self.device.startswith("cuda"):
+            raise ValueError(f"dtype {self.dtype} needs a cuda device, got device {self.device!r}")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def prompt_token_limit(self, n_positions: int) -> int:
+        """Longest formatted prompt accepted: the setting (or 512), leaving the base room for one token."""
+        wanted = self.max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
+        return max(1, min(wanted, n_positions - 1))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings from the environment; tests build `Settings(...)` directly instead."""
+    return Settings()
