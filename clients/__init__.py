@@ -1,0 +1,33 @@
+"""Python client and CLI for a headserve server; depends only on httpx and the stdlib.
+
+```python
+from clients import HeadserveClient
+
+with HeadserveClient("http://127.0.0.1:8000") as client:
+    result = client.generate("What is 12 + 7?", head="math", compare=True)
+    print(result.text, result.finish_reason, [c.text for c in result.comparisons or []])
+```
+"""
+
+from clients.client import DEFAULT_URL, AsyncHeadserveClient, HeadserveClient
+from clients.errors import (
+    ConflictError,
+    ForbiddenError,
+    HeadNotFoundError,
+    HeadserveConnectionError,
+    HeadserveError,
+    InvalidRequestError,
+    NotReadyError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ServerError,
+    UnauthorizedError,
+)
+from clients.types import Comparison, GenerateResult, HeadSummary, Readiness, Timings, TokenLogprob
+
+__all__ = [
+    "DEFAULT_URL", "AsyncHeadserveClient", "Comparison", "ConflictError", "ForbiddenError", "GenerateResult",
+    "HeadNotFoundError", "HeadSummary", "HeadserveClient", "HeadserveConnectionError", "HeadserveError",
+    "InvalidRequestError", "NotReadyError", "PayloadTooLargeError", "QueueFullError", "Readiness", "ServerError",
+    "Timings", "TokenLogprob", "UnauthorizedError",
+]

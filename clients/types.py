@@ -1,0 +1,107 @@
+"""Typed results mirroring the server's JSON responses (docs/api.md).
+
+Parsing reads the documented fields and ignores any others, so a newer server that adds fields
+does not break an older client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float
+    first_token_s: float | None  # None when no token was generated
+    total_s: float
+    tokens_per_s: float
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Timings:
+        first = data.get("first_token_s")
+        return cls(queue_s=float(data.get("queue_s", 0.0)), first_token_s=None if first is None else float(first),
+                   total_s=float(data.get("total_s", 0.0)), tokens_per_s=float(data.get("tokens_per_s", 0.0)))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TokenLogprob:
+        return cls(token_id=int(data["token_id"]), token=str(data["token"]), logprob=float(data["logprob"]))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    decoder: str  # "linear_greedy" | "linear_top_k"
+    text: str
+    tokens: int
+    finish_reason: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Comparison:
+        return cls(decoder=str(data["decoder"]), text=str(data["text"]), tokens=int(data["tokens"]),
+                   finish_reason=str(data["finish_reason"]))
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    tokens: int  # number of generated tokens
+    finish_reason: str  # "length" | "eos" | "stop"
+    head: str | None  # None: the base's own linear LM head
+    prompt: str  # the text actually fed to the model
+    timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # only with return_logprobs
+    comparisons: list[Comparison] | None = None  # only with compare
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerateResult:
+        logprobs, comparisons = data.get("logprobs"), data.get("comparisons")
+        return cls(
+            text=str(data["text"]), tokens=int(data["tokens"]), finish_reason=str(data["finish_reason"]),
+            head=data.get("head"), prompt=str(data.get("prompt", "")), timings=Timings.from_json(data["timings"]),
+            logprobs=None if logprobs is None else [TokenLogprob.from_json(x) for x in logprobs],
+            comparisons=None if comparisons is None else [Comparison.from_json(x) for x in comparisons])
+
+
+@dataclass(frozen=True)
+class HeadSummary:
+    name: str
+    type: str  # head_type, e.g. "backward_attention" or "linear"
+    task: str
+    bytes: int  # size of the head's files on disk
+    resident: bool  # loaded in the server's device cache right now
+    prompt_template: str
+    base_model_name_or_path: str | None
+    base_fingerprint: str | None
+    created_at: str | None
+    config: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # includes "final_metrics"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HeadSummary:
+        return cls(
+            name=str(data["name"]), type=str(data.get("type", "")), task=str(data.get("task") or ""),
+            bytes=int(data.get("bytes", 0)), resident=bool(data.get("resident", False)),
+            prompt_template=str(data.get("prompt_template") or ""),
+            base_model_name_or_path=data.get("base_model_name_or_path"),
+            base_fingerprint=data.get("base_fingerprint"), created_at=data.get("created_at"),
+            config=dict(data.get("config") or {}), training=dict(data.get("training") or {}))
+
+
+@dataclass(frozen=True)
+class Readiness:
+    status: str  # "ready"
+    base: str
+    base_fingerprint: str
+    device: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Readiness:
+        return cls(status=str(data.get("status", "")), base=str(data.get("base", "")),
+                   base_fingerprint=str(data.get("base_fingerprint", "")), device=str(data.get("device", "")))
