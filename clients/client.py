@@ -80,7 +80,7 @@ def _generate_body(prompt: str, head: str | None = None, *, max_new_tokens: int 
                    temperature: float | None = None, seed: int | None = None,
                    stop: str | Sequence[str] | None = None,
                    compare: bool | CompareDecoder | Sequence[CompareDecoder] = False, raw: bool = False,
-                   return_logprobs: bool = False) -> dict[str, Any]:
+                   return_logprobs: bool = False, ignore_eos: bool = False) -> dict[str, Any]:
     """The JSON body of `POST /generate`; options left at None/False are omitted so server defaults apply."""
     body: dict[str, Any] = {"prompt": prompt}
     if head is not None:
@@ -99,6 +99,8 @@ def _generate_body(prompt: str, head: str | None = None, *, max_new_tokens: int 
         body["raw"] = True
     if return_logprobs:
         body["return_logprobs"] = True
+    if ignore_eos:
+        body["ignore_eos"] = True
     return body
 
 
@@ -204,11 +206,12 @@ class HeadserveClient(_ClientBase):
                  strategy: Strategy | None = None, top_k: int | None = None, top_p: float | None = None,
                  temperature: float | None = None, seed: int | None = None, stop: str | Sequence[str] | None = None,
                  compare: bool | CompareDecoder | Sequence[CompareDecoder] = False, raw: bool = False,
-                 return_logprobs: bool = False) -> GenerateResult:
+                 return_logprobs: bool = False, ignore_eos: bool = False) -> GenerateResult:
         """Generate with `head` (None: the base's own LM head); `compare` adds the base's linear decodes."""
         return self._send(_generate_call(  # type: ignore[no-any-return]
             prompt, head, max_new_tokens=max_new_tokens, strategy=strategy, top_k=top_k, top_p=top_p,
-            temperature=temperature, seed=seed, stop=stop, compare=compare, raw=raw, return_logprobs=return_logprobs))
+            temperature=temperature, seed=seed, stop=stop, compare=compare, raw=raw, return_logprobs=return_logprobs,
+            ignore_eos=ignore_eos))
 
     def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                       replace: bool = False) -> HeadSummary:
@@ -267,10 +270,11 @@ class AsyncHeadserveClient(_ClientBase):
                        temperature: float | None = None, seed: int | None = None,
                        stop: str | Sequence[str] | None = None,
                        compare: bool | CompareDecoder | Sequence[CompareDecoder] = False, raw: bool = False,
-                       return_logprobs: bool = False) -> GenerateResult:
+                       return_logprobs: bool = False, ignore_eos: bool = False) -> GenerateResult:
         return await self._send(_generate_call(  # type: ignore[no-any-return]
             prompt, head, max_new_tokens=max_new_tokens, strategy=strategy, top_k=top_k, top_p=top_p,
-            temperature=temperature, seed=seed, stop=stop, compare=compare, raw=raw, return_logprobs=return_logprobs))
+            temperature=temperature, seed=seed, stop=stop, compare=compare, raw=raw, return_logprobs=return_logprobs,
+            ignore_eos=ignore_eos))
 
     async def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                             replace: bool = False) -> HeadSummary:

@@ -71,6 +71,7 @@ class RMSNorm(nn.Module):
 
 class BackwardAttentionHead(nn.Module):
     head_type = "backward_attention"
+    accepts_base_logits = True  # decode() can reuse the base's logits instead of recomputing them
 
     def __init__(self, config: BackwardAttentionConfig | None = None, *, vocab_size: int, n_embd: int) -> None:
         super().__init__()
@@ -137,7 +138,11 @@ class BackwardAttentionHead(nn.Module):
     def prepare(self, embeddings: Tensor) -> None:
         """Cache K and the fold for `decode`; call again whenever weights or embeddings change."""
         self._check(embeddings.new_zeros(1, self.n_embd), embeddings)
-        embeddings = embeddings.to(self.key.weight.dtype)
+        # detach(): assigning the base's nn.Parameter would register it as this head's own parameter.
+        # The head keeps a reference to the base's matrix, never a copy in its own dtype (a float32
+        # copy of a half-precision GPT-2's embeddings would be 154 MB per resident head).
+        shared = embeddings.detach()
+        embeddings = shared.to(self.key.weight.dtype)
         parts = [self._keys_values(chunk) for chunk in self._chunks(embeddings)]
         keys = torch.cat([k for k, _ in parts])  # (V, H*d)
         values = torch.cat([v for _, v in parts])  # (V, H*d)
@@ -148,15 +153,24 @@ class BackwardAttentionHead(nn.Module):
         else:
             self._fold, self._value_cache = None, values
         needs_embeddings = self.config.residual or self.config.weighting == "probs"
-        self._embeddings = embeddings if needs_embeddings else None
+        self._embeddings = shared if needs_embeddings else None
 
     @torch.no_grad()
-    def decode(self, hidden_last: Tensor) -> Tensor:
-        """(B, D) last hidden states -> (B, V) logits, equal to forward() on the same inputs."""
+    def decode(self, hidden_last: Tensor, base_logits: Tensor | None = None) -> Tensor:
+        """(B, D) last hidden states -> (B, V) logits, equal to forward() on the same inputs.
+
+        `base_logits` (B, V), the base's own logits for these rows, may be passed by a caller that
+        has them anyway (a server computes them once per step for every head in the batch); the
+        head then skips its own V x D product.
+        """
         if self._key_cache is None:
             raise RuntimeError("call prepare(embeddings) before decode()")
         hidden_last = hidden_last.to(self._key_cache.dtype)
-        z = hidden_last @ self._embeddings.T if self._embeddings is not None else None  # (B, V)
+        z = None
+        if self._embeddings is not None:  # (B, V), needed by the residual or "probs" weighting
+            if base_logits is None:
+                base_logits = hidden_last.to(self._embeddings.dtype) @ self._embeddings.T
+            z = base_logits.to(hidden_last.dtype)
         if self._fold is not None:
             q = hidden_last @ self._fold  # (B, H*d)
         else:

@@ -106,7 +106,8 @@ def load_runtime(app: FastAPI, stopping: threading.Event) -> None:
     try:
         base = load_base(settings.base_model, device=settings.device, dtype=settings.torch_dtype)
         head_cache = HeadCache(app.state.registry, base, app.state.metrics, settings.head_cache_size)
-        engine = Engine(base, head_cache, app.state.metrics, settings.max_queue)
+        engine = Engine(base, app.state.metrics, max_queue=settings.max_queue, max_batch_size=settings.max_batch_size,
+                        max_batch_tokens=settings.max_batch_tokens)
         engine.warm_up()
     except Exception as e:
         log.exception("loading the base model %r failed", settings.base_model)

@@ -1,125 +1,98 @@
-"""The generation engine: one worker thread owns the model; request handlers only enqueue and await.
+"""The generation engine: continuous batching of every request, head and comparison over one base.
 
-Why a single worker: the base is one set of weights on one device, and interleaving forward passes
-from several threads would only add contention. Handlers validate, put a `GenerationJob` on a
-bounded queue (full -> QueueFullError -> 429) and await an asyncio future the worker resolves.
+One worker thread owns the model; request handlers validate, prepare the head, enqueue a
+`GenerationJob` and await a future the worker resolves. Each engine step is one forward pass of
+the base (`RaggedGPT2.step`) over all active sequences: the prompts of newly admitted jobs and
+one token for every sequence already decoding. The step's final hidden states are split by head
+and each head's `decode` runs once for its group; then every sequence draws its own token with
+its own generator, so its output does not depend on its neighbours. Sequences join between
+steps (admission) and leave as soon as they finish (their cache slot is reused), like LoRAX or
+vLLM serving many adapters over one base.
 
-Decoding is our own loop over the base's KV cache, not `model.generate`, because each step needs
-the base's last hidden state so that a head (not the base's LM head) produces the logits. A job
-becomes a group of `Sequence`s that share one prefill: the answer with the requested head and the
-comparison decodes with the base's linear head. Each sequence carries everything that makes it
-independent — its head, sampling settings, generator, stop conditions — so the continuous-batching
-step (sequences joining and leaving between steps) can later mix sequences of different jobs; for
-now the worker runs one job's group to completion, dropping finished rows from the cache as it goes.
+Admission is strictly first-come, first-served: a job waits only while the batch has no room
+for it (MAX_BATCH_SIZE sequences, MAX_BATCH_TOKENS tokens per step), and no later arrival ever
+overtakes it. A job too big for an empty batch still runs alone rather than never.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from heads.base import Base
 from heads.sampling import SamplingParams, make_generator, sample
 from server.errors import NotReadyError, QueueFullError
-from server.head_cache import HeadCache
-from server.metrics import BASE_LABEL, Metrics
-from server.schemas import FinishReason
+from server.metrics import Metrics
+from server.ragged import Prefill, RaggedGPT2
+from server.schemas import COMPARE_ALL
+from server.sequence import GenerationJob, JobResult, Sequence
 
 log = logging.getLogger(__name__)
 
 COMPARISON_DECODERS = {"greedy": "linear_greedy", "top_k": "linear_top_k"}
+IDLE_CACHE_POSITIONS = 256  # an idle engine keeps a KV cache this long and frees a longer one
+Settle = Callable[[JobResult | None, BaseException | None], None]
 
 
 @dataclass
-class Sequence:
-    """One decode stream over a shared prompt, with its own head, settings and stop conditions."""
+class Pending:
+    """A job with the way back to whoever waits for it."""
 
-    decoder: str  # metrics label: the strategy, or "linear_greedy" / "linear_top_k" for comparisons
-    head_label: str  # the head's name, or "base" for the base's own linear head
-    head: nn.Module | None  # None: the base's LM head; a strong reference, so eviction or deletion cannot pull it
-    params: SamplingParams
-    generator: torch.Generator | None  # per sequence, so its draws do not depend on what else is decoding
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()
-    token_ids: list[int] = field(default_factory=list)  # generated ids, including a final EOS
-    logprobs: list[float] = field(default_factory=list)
-    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was produced
-    text: str = ""
-    finish_reason: FinishReason | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def reason(self) -> FinishReason:
-        """Why the sequence ended; only asked once decoding is over."""
-        if self.finish_reason is None:
-            raise RuntimeError("the sequence is still decoding")
-        return self.finish_reason
-
-    def append(self, token_id: int, logprob: float, now: float, tokenizer: object, eos_id: int | None) -> None:
-        """Record one token and decide whether the sequence ends here (EOS, a stop string, or length)."""
-        self.token_ids.append(token_id)
-        self.logprobs.append(logprob)
-        self.token_times.append(now)
-        if eos_id is not None and token_id == eos_id:
-            self.finish_reason = FinishReason.eos
-        elif self.stop:
-            # Decoding the whole continuation each step is cheap at these lengths and, unlike decoding
-            # token by token, sees stop strings that straddle tokens or multi-byte characters.
-            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
-            hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.finish_reason = FinishReason.stop
-                return
-        if self.finish_reason is None and len(self.token_ids) >= self.max_new_tokens:
-            self.finish_reason = FinishReason.length
-        if self.finish_reason is not None:
-            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+    job: GenerationJob
+    settle: Settle  # called once, from the worker thread, with the result or the error
+    abandoned: Callable[[], bool] = lambda: False  # the caller stopped waiting: skip or drop the job
 
 
 @dataclass
-class GenerationJob:
-    """A validated request: token ids of the formatted prompt and how to continue it."""
+class Running:
+    """An admitted job: its sequences are (or were) in the batch."""
 
-    prompt_ids: list[int]
-    head_name: str | None  # None: the base's linear head
-    params: SamplingParams
-    seed: int  # seeds the answer and the linear_top_k comparison alike
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()
-    compare: tuple[str, ...] = ()  # from "greedy", "top_k"
-    accepted_at: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class JobResult:
-    main: Sequence
-    comparisons: list[Sequence]
-    accepted_at: float
+    pending: Pending
+    sequences: list[Sequence]
     started_at: float
-    finished_at: float
+    remaining: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.sequences)
 
 
-QueueItem = tuple[GenerationJob, asyncio.AbstractEventLoop, "asyncio.Future[JobResult]"]
+@dataclass
+class _RowLogits:
+    """Logits computed for some rows of the batch, looked up by batch row."""
+
+    logits: Tensor | None  # (n_rows, V)
+    position: dict[int, int]  # batch row -> row of `logits`
+
+    def __getitem__(self, rows: list[int]) -> Tensor:
+        assert self.logits is not None
+        picked = [self.position[row] for row in rows]
+        if picked == list(range(self.logits.shape[0])):
+            return self.logits
+        return self.logits[torch.tensor(picked, device=self.logits.device)]
 
 
 class Engine:
-    def __init__(self, base: Base, head_cache: HeadCache, metrics: Metrics, max_queue: int) -> None:
-        self.base, self.head_cache, self.metrics, self.max_queue = base, head_cache, metrics, max_queue
+    def __init__(self, base: Base, metrics: Metrics, *, max_queue: int, max_batch_size: int,
+                 max_batch_tokens: int) -> None:
+        self.base, self.metrics = base, metrics
+        self.max_queue, self.max_batch_size, self.max_batch_tokens = max_queue, max_batch_size, max_batch_tokens
         self.eos_id: int | None = base.tokenizer.eos_token_id
-        self._queue: queue.Queue[QueueItem | None] = queue.Queue()  # None tells the worker to stop
-        self._lock = threading.Lock()  # makes "check the bound, then put" one step
+        self.model = RaggedGPT2(base.model)
+        # A job brings up to 1 + len(COMPARE_ALL) sequences, and one job always fits an empty batch.
+        self.cache = self.model.new_cache(max(max_batch_size, 1 + len(COMPARE_ALL)))
+        self._waiting: collections.deque[Pending] = collections.deque()
+        self._cond = threading.Condition()  # guards _waiting and _stopping; wakes the idle worker
         self._stopping = False
+        self._active: list[Sequence] = []  # active[i] lives in cache slot i (worker thread only)
+        self._owner: dict[int, Running] = {}  # id(sequence) -> its job
         self._thread = threading.Thread(target=self._work, name="headserve-engine", daemon=True)
 
     # -- called from the event loop -------------------------------------------------------------
@@ -127,124 +100,247 @@ class Engine:
         """Enqueue and wait; raises QueueFullError at once when MAX_QUEUE requests are already waiting."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[JobResult] = loop.create_future()
-        with self._lock:
+
+        def settle(result: JobResult | None, error: BaseException | None) -> None:
+            _resolve(loop, future, result, error)
+
+        self.submit(Pending(job, settle, future.done))
+        return await future
+
+    def submit(self, pending: Pending) -> None:
+        with self._cond:
             if self._stopping:
                 raise NotReadyError("the server is shutting down")
-            if self._queue.qsize() >= self.max_queue:
+            if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the generation queue is full ({self.max_queue} requests waiting); retry later")
-            self._queue.put((job, loop, future))
-            self.metrics.queue_size.set(self._queue.qsize())
-        return await future
+            self._waiting.append(pending)
+            self.metrics.queue_size.set(len(self._waiting))
+            self._cond.notify()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Let the current job finish, then fail whatever is still queued with 503."""
-        with self._lock:
+        """Finish the jobs already decoding, then fail whatever is still queued with 503."""
+        with self._cond:
             self._stopping = True
-            self._queue.put(None)
+            self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                _resolve(item[1], item[2], None, NotReadyError("the server is shutting down"))
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for pending in waiting:
+            pending.settle(None, NotReadyError("the server is shutting down"))
+
+    def run_until_done(self, jobs: list[GenerationJob]) -> list[JobResult]:
+        """Run jobs to completion in the calling thread, batched together; for warm-up and tests, never with
+        the worker running."""
+        if self._thread.is_alive():
+            raise RuntimeError("run_until_done cannot run beside the worker thread")
+        results: dict[int, JobResult] = {}
+        errors: list[BaseException] = []
+
+        def settler(index: int) -> Settle:
+            def settle(result: JobResult | None, error: BaseException | None) -> None:
+                if error is not None:
+                    errors.append(error)
+                elif result is not None:
+                    results[index] = result
+            return settle
+
+        with self._cond:
+            self._waiting.extend(Pending(job, settler(i)) for i, job in enumerate(jobs))
+        while self._waiting or self._active:
+            self._step(self._admit())
+        if errors:
+            raise errors[0]
+        return [results[i] for i in range(len(jobs))]
 
     def warm_up(self) -> None:
-        """One short decode through the real code path, so the first request pays no first-call costs."""
-        prompt = self.base.tokenizer("Warm up")["input_ids"] or [self.eos_id or 0]
-        job = GenerationJob(prompt_ids=list(prompt), head_name=None, params=SamplingParams(), seed=0,
-                            max_new_tokens=2, compare=("top_k",))
-        self._run(job)
+        """One short batched decode through the real code path, so the first request pays no first-call costs."""
+        prompt = list(self.base.tokenizer("Warm up")["input_ids"]) or [self.eos_id or 0]
+        jobs = [GenerationJob(prompt_ids=prompt, head=None, head_label="base", params=SamplingParams(), seed=0,
+                              max_new_tokens=2, compare=COMPARE_ALL) for _ in range(2)]
+        served, self.metrics = self.metrics, Metrics()  # warm-up is not traffic: keep it out of /metrics
+        try:
+            self.run_until_done(jobs)
+        finally:
+            self.metrics = served
 
     # -- the worker thread ----------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            self.metrics.queue_size.set(self._queue.qsize())
-            job, loop, future = item
-            if future.cancelled():  # the client went away while waiting
-                continue
+            with self._cond:
+                while not self._waiting and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._active:
+                    return
             try:
-                result = self._run(job)
-            except Exception as e:  # delivered to the handler; domain errors become 4xx, others a logged 500
-                _resolve(loop, future, None, e)
-                continue
-            self._record(job, result)
-            _resolve(loop, future, result, None)
+                self._step([] if self._stopping else self._admit())
+            except Exception as e:  # a failed step fails the jobs in it; the engine keeps serving
+                log.exception("engine step failed")
+                self._fail_active(e)
 
-    def _run(self, job: GenerationJob) -> JobResult:
-        started = time.perf_counter()
-        head = self.head_cache.get(job.head_name).module if job.head_name else None
-        sequences = [Sequence(decoder=job.params.strategy, head_label=job.head_name or BASE_LABEL, head=head,
+    def _admit(self) -> list[Running]:
+        """Take waiting jobs, oldest first, while the batch has room for all their sequences and prompt."""
+        admitted: list[Running] = []
+        free_slots = self.cache.slots - len(self._active)
+        slot_budget = self.max_batch_size - len(self._active)
+        token_budget = self.max_batch_tokens - len(self._active)  # every decoding sequence feeds one token
+        with self._cond:
+            while self._waiting:
+                pending = self._waiting[0]
+                if pending.abandoned():
+                    self._waiting.popleft()
+                    continue
+                job = pending.job
+                need = 1 + len(job.compare)
+                alone = not self._active and not admitted
+                fits = need <= slot_budget and len(job.prompt_ids) <= token_budget
+                if not (fits or (alone and need <= free_slots)):
+                    break  # strict arrival order: nobody overtakes the job at the front
+                self._waiting.popleft()
+                admitted.append(self._open(pending))
+                slot_budget -= need
+                free_slots -= need
+                token_budget -= len(job.prompt_ids)
+            self.metrics.queue_size.set(len(self._waiting))
+        return admitted
+
+    def _open(self, pending: Pending) -> Running:
+        """The sequences of a job: the answer with its head, then the comparison decodes with the base's."""
+        job = pending.job
+        room = self.base.n_positions - len(job.prompt_ids)  # the whole sequence must fit the base context
+        max_new = max(1, min(job.max_new_tokens, room))
+        sequences = [Sequence(decoder=job.params.strategy, head_label=job.head_label, head=job.head,
                               params=job.params, generator=self._generator(job.params, job.seed),
-                              max_new_tokens=job.max_new_tokens, stop=job.stop)]
+                              max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos)]
         for strategy in job.compare:
             params = SamplingParams(strategy=strategy, top_k=job.params.top_k, temperature=job.params.temperature)
-            sequences.append(Sequence(decoder=COMPARISON_DECODERS[strategy], head_label=BASE_LABEL, head=None,
+            sequences.append(Sequence(decoder=COMPARISON_DECODERS[strategy], head_label="base", head=None,
                                       params=params, generator=self._generator(params, job.seed),
-                                      max_new_tokens=job.max_new_tokens, stop=job.stop))
-        self._decode(job.prompt_ids, sequences)
-        return JobResult(main=sequences[0], comparisons=sequences[1:], accepted_at=job.accepted_at,
-                         started_at=started, finished_at=time.perf_counter())
+                                      max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos))
+        return Running(pending, sequences, started_at=time.perf_counter())
 
     def _generator(self, params: SamplingParams, seed: int) -> torch.Generator | None:
         return None if params.strategy == "greedy" else make_generator(seed, self.base.device)
 
-    @torch.inference_mode()
-    def _decode(self, prompt_ids: list[int], sequences: list[Sequence]) -> None:
-        """Prefill the prompt once, then step every unfinished sequence one token at a time."""
-        base, device = self.base, self.base.device
-        room = base.n_positions - len(prompt_ids)  # the whole sequence must fit the base context
-        if room < 1:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a {base.n_positions} context")
-        for seq in sequences:
-            seq.max_new_tokens = min(seq.max_new_tokens, room)
-        out = base.hidden_states(torch.tensor([prompt_ids], device=device), use_cache=True)
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # hidden: (1, D)
-        if len(sequences) > 1:  # every sequence continues the same prefill
-            cache.batch_repeat_interleave(len(sequences))
-            hidden = hidden.expand(len(sequences), -1)  # (N, D)
-        active = list(sequences)
-        while True:
-            logits = self._logits(hidden, active)  # (n, V)
-            now = time.perf_counter()
-            for row, seq in enumerate(active):
-                token, logprob = sample(logits[row:row + 1], seq.params, seq.generator)
-                seq.append(int(token), float(logprob), now, base.tokenizer, self.eos_id)
-            keep = [i for i, seq in enumerate(active) if not seq.finished]
-            if not keep:
-                return
-            if len(keep) < len(active):  # finished rows leave the batch and the cache
-                cache.batch_select_indices(torch.tensor(keep, device=device))
-                active = [active[i] for i in keep]
-            step_ids = torch.tensor([[seq.token_ids[-1]] for seq in active], device=device)  # (n, 1)
-            out = base.hidden_states(step_ids, past_key_values=cache, use_cache=True)
-            cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # (n, D)
+    def _step(self, admitted: list[Running]) -> None:
+        """One base forward over every active sequence and the new prompts, then one token for each."""
+        self._drop_abandoned()
+        decoding = list(self._active)
+        if not decoding and not admitted:
+            return
+        prefills, slot = [], len(decoding)
+        for running in admitted:
+            slots = list(range(slot, slot + len(running.sequences)))
+            prefills.append(Prefill(running.pending.job.prompt_ids, slots))
+            slot += len(slots)
+            for seq in running.sequences:
+                self._owner[id(seq)] = running
+        # From here on the newcomers are part of the batch: a failing step fails their jobs too.
+        batch = self._active = decoding + [seq for running in admitted for seq in running.sequences]
+        self.cache.ensure(max([s.cached + 1 for s in decoding] + [len(p.token_ids) for p in prefills]))
+        hidden = self.model.step(self.cache, [s.token_ids[-1] for s in decoding], [s.cached for s in decoding],
+                                 prefills)  # (n_decode + n_prefill, D)
+        rows = list(range(len(decoding)))
+        for seq in decoding:
+            seq.cached += 1
+        for i, running in enumerate(admitted):
+            for seq in running.sequences:
+                seq.cached = len(running.pending.job.prompt_ids)
+                rows.append(len(decoding) + i)
+        if len(rows) != hidden.shape[0]:  # a prefill shared by comparison decodes feeds each of them
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        self._next_tokens(hidden, batch)
+        self._retire_finished()
 
-    def _logits(self, hidden: Tensor, sequences: list[Sequence]) -> Tensor:
-        """(n, D) hidden states -> (n, V) float32 logits, each row from its own sequence's head."""
-        groups: dict[int, tuple[nn.Module | None, list[int]]] = {}
-        for row, seq in enumerate(sequences):
-            groups.setdefault(id(seq.head), (seq.head, []))[1].append(row)
-        if len(groups) == 1:
-            head = sequences[0].head
-            return (self.base.linear_logits(hidden) if head is None else head.decode(hidden)).float()  # type: ignore[operator]
-        logits = hidden.new_empty(hidden.shape[0], self.base.vocab_size, dtype=torch.float32)  # (n, V)
-        for head, rows in groups.values():
-            idx = torch.tensor(rows, device=hidden.device)
-            part = self.base.linear_logits(hidden[idx]) if head is None else head.decode(hidden[idx])  # type: ignore[operator]
-            logits[idx] = part.float()
-        return logits
+    def _next_tokens(self, hidden: Tensor, batch: list[Sequence]) -> None:
+        """Each head's decode once for its rows, then each sequence's own draw."""
+        groups: dict[int, list[int]] = {}
+        for row, seq in enumerate(batch):
+            groups.setdefault(id(seq.head), []).append(row)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_heads.observe(len(groups))
+        base_logits = self._base_logits(hidden, batch)
+        now = time.perf_counter()
+        for rows in groups.values():
+            head = batch[rows[0]].head
+            index = None if len(rows) == len(batch) else torch.tensor(rows, device=hidden.device)
+            part = hidden if index is None else hidden[index]
+            if head is None:
+                logits = base_logits[rows]
+            elif getattr(head, "accepts_base_logits", False):
+                logits = head.decode(part, base_logits=base_logits[rows])  # type: ignore[operator]
+            else:
+                logits = head.decode(part)  # type: ignore[operator]
+            logits = logits.float()  # (n, V)
+            greedy = [i for i, row in enumerate(rows) if batch[row].params.strategy == "greedy"]
+            if greedy:  # one argmax for all greedy rows: row-wise, so the same as one row at a time
+                ids, logprobs = sample(logits[greedy] if len(greedy) < len(rows) else logits, SamplingParams())
+                for i, token, logprob in zip(greedy, ids.tolist(), logprobs.tolist(), strict=True):
+                    batch[rows[i]].append(token, logprob, now, self.base.tokenizer, self.eos_id)
+            for i, row in enumerate(rows):
+                seq = batch[row]
+                if seq.params.strategy != "greedy":
+                    token, logprob = sample(logits[i:i + 1], seq.params, seq.generator)
+                    seq.append(int(token), float(logprob), now, self.base.tokenizer, self.eos_id)
 
-    def _record(self, job: GenerationJob, result: JobResult) -> None:
+    def _base_logits(self, hidden: Tensor, batch: list[Sequence]) -> _RowLogits:
+        """The base's LM head over every row that needs it, computed once for the whole step: the base's
+        own rows and the heads that reuse it (a residual head adds it). One V x D product per step
+        instead of one per head, which is what keeps many distinct heads in a batch cheap."""
+        rows = [row for row, seq in enumerate(batch)
+                if seq.head is None or getattr(seq.head, "accepts_base_logits", False)]
+        if not rows:
+            return _RowLogits(None, {})
+        part = hidden if len(rows) == len(batch) else hidden[torch.tensor(rows, device=hidden.device)]
+        return _RowLogits(self.base.linear_logits(part), {row: i for i, row in enumerate(rows)})
+
+    def _retire_finished(self) -> None:
+        """Free the slots of finished sequences and settle the jobs that have no sequence left."""
+        for index in range(len(self._active) - 1, -1, -1):
+            if self._active[index].finished:
+                running = self._remove(index)
+                if running.remaining == 0:
+                    self._finish(running)
+
+    def _drop_abandoned(self) -> None:
+        """A caller that stopped waiting frees its slots before the next forward; nobody is settled."""
+        for index in range(len(self._active) - 1, -1, -1):
+            if self._owner[id(self._active[index])].pending.abandoned():
+                self._remove(index)
+
+    def _remove(self, index: int) -> Running:
+        """Take the sequence at `index` out of the batch; the last active sequence moves into its slot."""
+        seq, last = self._active[index], len(self._active) - 1
+        if index != last:
+            moved = self._active[last]
+            self.cache.move(last, index, moved.cached)
+            self._active[index] = moved
+        self._active.pop()
+        running = self._owner.pop(id(seq))
+        running.remaining -= 1
+        if not self._active and self.cache.capacity > IDLE_CACHE_POSITIONS:
+            self.cache.release()  # idle: give long-context buffers back
+        return running
+
+    def _finish(self, running: Running) -> None:
+        main, *comparisons = running.sequences
+        result = JobResult(main=main, comparisons=comparisons, accepted_at=running.pending.job.accepted_at,
+                           started_at=running.started_at, finished_at=time.perf_counter())
+        self._record(result)
+        running.pending.settle(result, None)
+
+    def _fail_active(self, error: BaseException) -> None:
+        failed = {id(r): r for r in (self._owner[id(s)] for s in self._active)}
+        self._active, self._owner = [], {}
+        self.cache.release()
+        for running in failed.values():
+            running.pending.settle(None, error)
+
+    def _record(self, result: JobResult) -> None:
         main, label = result.main, result.main.head_label
         self.metrics.queue_wait.labels(head=label).observe(result.started_at - result.accepted_at)
         if main.token_times:

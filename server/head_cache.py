@@ -38,17 +38,24 @@ class HeadCache:
     def __init__(self, registry: Registry, base: Base, metrics: Metrics, capacity: int) -> None:
         self.registry, self.base, self.metrics, self.capacity = registry, base, metrics, capacity
         self._heads: OrderedDict[str, LoadedHead] = OrderedDict()
-        self._lock = threading.Lock()  # the worker loads; request handlers ask what is resident
+        self._lock = threading.Lock()  # guards _heads: handlers load and ask what is resident
+        self._load_lock = threading.Lock()  # one load at a time
 
     def get(self, name: str) -> LoadedHead:
-        """The prepared head, loading it (and evicting the least recently used) when needed."""
-        stamp = self.registry.stamp(name)
-        with self._lock:
-            cached = self._heads.get(name)
-            if cached is not None and cached.stamp == stamp:
-                self._heads.move_to_end(name)
+        """The prepared head, loading it (and evicting the least recently used) when needed.
+
+        Loads run one at a time: preparing a head is a large matmul that already uses every core, so
+        requests that need the same head wait for one load instead of each doing it, and loads of
+        different heads do not thrash each other (or the engine) by running side by side.
+        """
+        cached = self._lookup(name)
+        if cached is not None:
+            return cached
+        with self._load_lock:
+            cached = self._lookup(name)  # another request may have loaded it while we waited
+            if cached is not None:
                 return cached
-        loaded = self._load(name, stamp)
+            loaded = self._load(name, self.registry.stamp(name))
         with self._lock:
             self._heads[name] = loaded
             self._heads.move_to_end(name)
@@ -57,6 +64,16 @@ class HeadCache:
                 log.info("evicted head %r from the cache", evicted)
             self.metrics.heads_resident.set(len(self._heads))
         return loaded
+
+    def _lookup(self, name: str) -> LoadedHead | None:
+        """The cached head if its files have not changed on disk since it was loaded."""
+        stamp = self.registry.stamp(name)
+        with self._lock:
+            cached = self._heads.get(name)
+            if cached is not None and cached.stamp == stamp:
+                self._heads.move_to_end(name)
+                return cached
+        return None
 
     def _load(self, name: str, stamp: HeadStamp) -> LoadedHead:
         start = time.perf_counter()

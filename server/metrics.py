@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 BASE_LABEL = "base"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -37,6 +38,10 @@ class Metrics:
         self.head_loads_total = Counter("headserve_head_loads_total", "Heads loaded into the cache", ["head"],
                                         registry=r)
         self.heads_resident = Gauge("headserve_heads_resident", "Prepared heads held in the cache", registry=r)
+        self.batch_size = Histogram("headserve_batch_size", "Sequences in one engine step (comparisons included)",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_heads = Histogram("headserve_batch_heads", "Distinct heads in one engine step (base included)",
+                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_size = Gauge("headserve_queue_size", "Requests waiting for the engine worker", registry=r)
 
     def observe_request(self, route: str, head: str, status: int, seconds: float) -> None:

@@ -44,6 +44,7 @@ class GenerateRequest(Strict):
     compare: bool | list[Literal["greedy", "top_k"]] = False
     raw: bool = False
     return_logprobs: bool = False
+    ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks want fixed lengths)
 
     @field_validator("prompt")
     @classmethod

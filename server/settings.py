@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=256, ge=1)  # upper bound a request may ask for
     max_prompt_tokens: int | None = Field(default=None, ge=1)  # None: 512; always capped by the base context
     max_queue: int = Field(default=64, ge=0)  # requests waiting for the worker before 429
+    max_batch_size: int = Field(default=32, ge=1)  # sequences per engine step (comparison decodes count)
+    max_batch_tokens: int = Field(default=4096, ge=1)  # prompt + decode tokens per engine step
     head_cache_size: int = Field(default=8, ge=1)  # prepared heads kept on the device
     admin_token: SecretStr | None = None  # when set, registering and deleting heads need it
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)  # whole multipart body of POST /heads

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from heads.sampling import SamplingParams
-from server.engine import GenerationJob, JobResult
 from server.errors import InvalidRequestError
 from server.metrics import BASE_LABEL
 from server.schemas import DEFAULT_MAX_NEW_TOKENS, Comparison, GenerateRequest, GenerateResponse, Timings, TokenLogprob
+from server.sequence import GenerationJob, JobResult
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, set_head_label
 
 router = APIRouter(tags=["generate"])
@@ -38,12 +38,18 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep,
     if len(prompt_ids) > runtime.prompt_token_limit:
         raise InvalidRequestError(f"the prompt is {len(prompt_ids)} tokens once formatted; the limit is "
                                   f"{runtime.prompt_token_limit}")
+    # Preparing a head that is not resident takes a while: do it here, off the event loop and off the
+    # engine thread, so the batch keeps decoding. The job holds the head even if the cache evicts it.
+    head = None
+    if body.head is not None:
+        head = (await run_in_threadpool(runtime.head_cache.get, body.head)).module
     d = body.decoding
-    job = GenerationJob(prompt_ids=prompt_ids, head_name=body.head,
+    job = GenerationJob(prompt_ids=prompt_ids, head=head, head_label=body.head or BASE_LABEL,
                         params=SamplingParams(strategy=d.strategy, top_k=d.top_k, top_p=d.top_p,
                                               temperature=d.temperature),
                         seed=d.seed if d.seed is not None else secrets.randbits(63),
-                        max_new_tokens=max_new_tokens, stop=tuple(body.stop or ()), compare=tuple(body.comparisons()))
+                        max_new_tokens=max_new_tokens, stop=tuple(body.stop or ()), compare=tuple(body.comparisons()),
+                        ignore_eos=body.ignore_eos)
     result = await runtime.engine.generate(job)
     return _response(body, prompt, result, runtime)
 

@@ -291,15 +291,15 @@ def test_a_request_in_flight_finishes_when_its_head_is_deleted(client: TestClien
     write_head(base, heads_dir / "doomed")
     runtime = client.app.state.runtime  # type: ignore[attr-defined]
     stepping, release = threading.Event(), threading.Event()
-    original = runtime.base.hidden_states
+    original = runtime.engine.model.step
 
-    def slow_hidden_states(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("past_key_values") is not None:  # a decode step: the head is already in use
+    def slow_step(cache: Any, decode_ids: list[int], *args: Any) -> Any:
+        if decode_ids:  # a decode step: the head is already in use
             stepping.set()
             release.wait(10)
-        return original(*args, **kwargs)
+        return original(cache, decode_ids, *args)
 
-    runtime.base.hidden_states = slow_hidden_states
+    runtime.engine.model.step = slow_step
     result: dict[str, Any] = {}
     worker = threading.Thread(target=lambda: result.update(r=client.post(
         "/generate", json={"prompt": "x", "head": "doomed", "max_new_tokens": 4})))
@@ -311,5 +311,5 @@ def test_a_request_in_flight_finishes_when_its_head_is_deleted(client: TestClien
     finally:
         release.set()
         worker.join(10)
-        runtime.base.hidden_states = original
+        runtime.engine.model.step = original
     assert result["r"].status_code == 200 and result["r"].json()["tokens"] == 4

@@ -124,14 +124,14 @@ def test_queue_full_is_429_with_retry_after(make_client: Callable[..., TestClien
     wait_ready(client)
     runtime = client.app.state.runtime  # type: ignore[attr-defined]
     busy, release = threading.Event(), threading.Event()
-    original = runtime.base.hidden_states
+    original = runtime.engine.model.step
 
     def blocked(*args: Any, **kwargs: Any) -> Any:
         busy.set()
         release.wait(10)
         return original(*args, **kwargs)
 
-    runtime.base.hidden_states = blocked
+    runtime.engine.model.step = blocked
     answers: list[Any] = []
     threads = [threading.Thread(target=lambda: answers.append(generate(client))) for _ in range(2)]
     try:
@@ -148,7 +148,7 @@ def test_queue_full_is_429_with_retry_after(make_client: Callable[..., TestClien
         release.set()
         for t in threads:
             t.join(10)
-        runtime.base.hidden_states = original
+        runtime.engine.model.step = original
     assert [a.status_code for a in answers] == [200, 200]
     assert metric_values(client)[("headserve_queue_size", frozenset())] == 0
 
@@ -161,11 +161,11 @@ def test_unexpected_errors_are_a_plain_500(make_client: Callable[..., TestClient
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("secret internals at /srv/model.py line 12")
 
-    original, runtime.base.hidden_states = runtime.base.hidden_states, broken
+    original, runtime.engine.model.step = runtime.engine.model.step, broken
     try:
         r = generate(client)
     finally:
-        runtime.base.hidden_states = original
+        runtime.engine.model.step = original
     assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
     assert generate(client).status_code == 200  # the worker survived
     values = metric_values(client)

@@ -52,6 +52,27 @@ def test_decode_equals_forward(weighting: str, residual: bool, latent_dim: int |
 
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("weighting", ["logits", "probs"])
+def test_decode_reuses_given_base_logits(weighting: str, residual: bool) -> None:
+    """A server passes the base's logits it computed once for the batch; the result must not change."""
+    head = make_head(weighting=weighting, residual=residual).eval()
+    hidden, emb = make_inputs()
+    head.prepare(emb)
+    last = hidden[:, -1]
+    torch.testing.assert_close(head.decode(last, base_logits=last @ emb.T), head.decode(last))
+
+
+def test_prepare_keeps_the_base_embeddings_out_of_the_head() -> None:
+    """The base's embedding Parameter must not become a parameter (or saved tensor) of the head."""
+    head = make_head(residual=True).eval()
+    embeddings = nn.Parameter(make_inputs()[1], requires_grad=False)
+    names = sorted(head.state_dict())
+    head.prepare(embeddings)
+    assert sorted(head.state_dict()) == names
+    assert all(p is not embeddings for p in head.parameters())
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("weighting", ["logits", "probs"])
 def test_decode_equals_forward_after_optimizer_step(weighting: str, residual: bool) -> None:
     head = make_head(weighting=weighting, residual=residual, latent_dim=16, num_heads=2)
     hidden, emb = make_inputs()

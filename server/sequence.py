@@ -1,0 +1,95 @@
+"""What the engine works on: a request (`GenerationJob`), its decode streams (`Sequence`) and the result.
+
+A job becomes one `Sequence` for the answer plus one per comparison decode. Each sequence carries
+everything that makes it independent of its neighbours in a batch — its head, sampling settings,
+own random generator, stop conditions and its slot in the KV cache — so sequences of different
+requests and heads can share every forward pass and still give the output they would give alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from heads.sampling import SamplingParams
+from server.schemas import FinishReason
+
+
+@dataclass
+class Sequence:
+    """One decode stream over a shared prompt, with its own head, settings and stop conditions."""
+
+    decoder: str  # metrics label: the strategy, or "linear_greedy" / "linear_top_k" for comparisons
+    head_label: str  # the head's name, or "base" for the base's own linear head
+    head: nn.Module | None  # None: the base's LM head; a strong reference, so eviction or deletion cannot pull it
+    params: SamplingParams
+    generator: torch.Generator | None  # per sequence, so its draws do not depend on what else is decoding
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    cached: int = 0  # tokens of this sequence whose keys/values sit in its cache slot
+    token_ids: list[int] = field(default_factory=list)  # generated ids, including a final EOS
+    logprobs: list[float] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was produced
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def reason(self) -> FinishReason:
+        """Why the sequence ended; only asked once decoding is over."""
+        if self.finish_reason is None:
+            raise RuntimeError("the sequence is still decoding")
+        return self.finish_reason
+
+    def append(self, token_id: int, logprob: float, now: float, tokenizer: object, eos_id: int | None) -> None:
+        """Record one token and decide whether the sequence ends here (EOS, a stop string, or length)."""
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        self.token_times.append(now)
+        if eos_id is not None and token_id == eos_id and not self.ignore_eos:
+            self.finish_reason = FinishReason.eos
+        elif self.stop:
+            # Decoding the whole continuation each step is cheap at these lengths and, unlike decoding
+            # token by token, sees stop strings that straddle tokens or multi-byte characters.
+            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+            hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.finish_reason = FinishReason.stop
+                return
+        if self.finish_reason is None and len(self.token_ids) >= self.max_new_tokens:
+            self.finish_reason = FinishReason.length
+        if self.finish_reason is not None:
+            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+
+
+@dataclass
+class GenerationJob:
+    """A validated request: token ids of the formatted prompt and how to continue it."""
+
+    prompt_ids: list[int]
+    head: nn.Module | None  # prepared by the handler (None: the base's linear head); held until the job ends
+    head_label: str  # the head's registry name, or "base"
+    params: SamplingParams
+    seed: int  # seeds the answer and the linear_top_k comparison alike
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    compare: tuple[str, ...] = ()  # from "greedy", "top_k"
+    ignore_eos: bool = False
+    accepted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class JobResult:
+    main: Sequence
+    comparisons: list[Sequence]
+    accepted_at: float
+    started_at: float
+    finished_at: float
