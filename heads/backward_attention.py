@@ -71,7 +71,6 @@ class RMSNorm(nn.Module):
 
 class BackwardAttentionHead(nn.Module):
     head_type = "backward_attention"
-    accepts_base_logits = True  # decode() can reuse the base's logits instead of recomputing them
 
     def __init__(self, config: BackwardAttentionConfig | None = None, *, vocab_size: int, n_embd: int) -> None:
         super().__init__()
@@ -133,6 +132,11 @@ class BackwardAttentionHead(nn.Module):
         # sum_h K_h q_h over heads is the dot product over the concatenated H*d width.
         s = torch.cat([q @ k.T for k in keys], dim=-1) / math.sqrt(self.head_dim)  # (B, T, V)
         return s + self.alpha * z if self.alpha is not None else s
+
+    @property
+    def accepts_base_logits(self) -> bool:
+        """decode() uses the base's logits (residual or "probs"), so a caller that has them can pass them."""
+        return self.config.residual or self.config.weighting == "probs"
 
     @torch.no_grad()
     def prepare(self, embeddings: Tensor) -> None:

@@ -105,7 +105,8 @@ def load_runtime(app: FastAPI, stopping: threading.Event) -> None:
     start = time.perf_counter()
     try:
         base = load_base(settings.base_model, device=settings.device, dtype=settings.torch_dtype)
-        head_cache = HeadCache(app.state.registry, base, app.state.metrics, settings.head_cache_size)
+        head_cache = HeadCache(app.state.registry, base, app.state.metrics, settings.head_cache_size,
+                               materialize_after=settings.materialize_after)
         engine = Engine(base, app.state.metrics, max_queue=settings.max_queue, max_batch_size=settings.max_batch_size,
                         max_batch_tokens=settings.max_batch_tokens)
         engine.warm_up()

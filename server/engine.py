@@ -30,6 +30,7 @@ from torch import Tensor
 from heads.base import Base
 from heads.sampling import SamplingParams, make_generator, sample
 from server.errors import NotReadyError, QueueFullError
+from server.factored import FactoredHead
 from server.metrics import Metrics
 from server.ragged import Prefill, RaggedGPT2
 from server.schemas import COMPARE_ALL
@@ -62,21 +63,6 @@ class Running:
 
     def __post_init__(self) -> None:
         self.remaining = len(self.sequences)
-
-
-@dataclass
-class _RowLogits:
-    """Logits computed for some rows of the batch, looked up by batch row."""
-
-    logits: Tensor | None  # (n_rows, V)
-    position: dict[int, int]  # batch row -> row of `logits`
-
-    def __getitem__(self, rows: list[int]) -> Tensor:
-        assert self.logits is not None
-        picked = [self.position[row] for row in rows]
-        if picked == list(range(self.logits.shape[0])):
-            return self.logits
-        return self.logits[torch.tensor(picked, device=self.logits.device)]
 
 
 class Engine:
@@ -263,19 +249,8 @@ class Engine:
             groups.setdefault(id(seq.head), []).append(row)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_heads.observe(len(groups))
-        base_logits = self._base_logits(hidden, batch)
         now = time.perf_counter()
-        for rows in groups.values():
-            head = batch[rows[0]].head
-            index = None if len(rows) == len(batch) else torch.tensor(rows, device=hidden.device)
-            part = hidden if index is None else hidden[index]
-            if head is None:
-                logits = base_logits[rows]
-            elif getattr(head, "accepts_base_logits", False):
-                logits = head.decode(part, base_logits=base_logits[rows])  # type: ignore[operator]
-            else:
-                logits = head.decode(part)  # type: ignore[operator]
-            logits = logits.float()  # (n, V)
+        for rows, logits in self._group_logits(hidden, batch, list(groups.values())):
             greedy = [i for i, row in enumerate(rows) if batch[row].params.strategy == "greedy"]
             if greedy:  # one argmax for all greedy rows: row-wise, so the same as one row at a time
                 ids, logprobs = sample(logits[greedy] if len(greedy) < len(rows) else logits, SamplingParams())
@@ -287,16 +262,52 @@ class Engine:
                     token, logprob = sample(logits[i:i + 1], seq.params, seq.generator)
                     seq.append(int(token), float(logprob), now, self.base.tokenizer, self.eos_id)
 
-    def _base_logits(self, hidden: Tensor, batch: list[Sequence]) -> _RowLogits:
-        """The base's LM head over every row that needs it, computed once for the whole step: the base's
-        own rows and the heads that reuse it (a residual head adds it). One V x D product per step
-        instead of one per head, which is what keeps many distinct heads in a batch cheap."""
-        rows = [row for row, seq in enumerate(batch)
-                if seq.head is None or getattr(seq.head, "accepts_base_logits", False)]
-        if not rows:
-            return _RowLogits(None, {})
-        part = hidden if len(rows) == len(batch) else hidden[torch.tensor(rows, device=hidden.device)]
-        return _RowLogits(self.base.linear_logits(part), {row: i for i, row in enumerate(rows)})
+    def _group_logits(self, hidden: Tensor, batch: list[Sequence],
+                      groups: list[list[int]]) -> list[tuple[list[int], Tensor]]:
+        """(rows, (n, V) float32 logits) per head group.
+
+        The base's LM head runs once for the whole step, over the hidden states of every row that
+        needs the base's logits (its own rows, residual heads) stacked with the projections of every
+        factored head's rows: one shared V x D product however many heads are in the batch.
+        """
+        device = hidden.device
+
+        def pick(rows: list[int]) -> Tensor:
+            return hidden if len(rows) == len(batch) else hidden[torch.tensor(rows, device=device)]
+
+        z_rows = [row for row, seq in enumerate(batch) if _needs_base_logits(seq.head)]
+        stacked = [pick(z_rows)] if z_rows else []
+        offsets: dict[int, int] = {}  # group index -> first stacked row of its projections
+        start = len(z_rows)
+        for g, rows in enumerate(groups):
+            head = batch[rows[0]].head
+            if isinstance(head, FactoredHead):
+                stacked.append(head.project(pick(rows)).to(hidden.dtype))
+                offsets[g], start = start, start + len(rows)
+        shared = self.base.linear_logits(torch.cat(stacked)) if stacked else None  # (z rows + projections, V)
+        position = {row: i for i, row in enumerate(z_rows)}
+
+        def base_logits(rows: list[int]) -> Tensor:
+            assert shared is not None
+            picked = [position[row] for row in rows]
+            if picked == list(range(len(picked))) and len(picked) == len(z_rows):
+                return shared[: len(picked)]
+            return shared[torch.tensor(picked, device=device)]
+
+        out = []
+        for g, rows in enumerate(groups):
+            head = batch[rows[0]].head
+            if head is None:
+                logits = base_logits(rows)
+            elif isinstance(head, FactoredHead):
+                projected = shared[offsets[g]: offsets[g] + len(rows)]  # type: ignore[index]
+                logits = head.combine(projected, base_logits(rows) if head.accepts_base_logits else None)
+            elif getattr(head, "accepts_base_logits", False):
+                logits = head.decode(pick(rows), base_logits=base_logits(rows))
+            else:
+                logits = head.decode(pick(rows))
+            out.append((rows, logits.float()))
+        return out
 
     def _retire_finished(self) -> None:
         """Free the slots of finished sequences and settle the jobs that have no sequence left."""
@@ -349,6 +360,11 @@ class Engine:
             self.metrics.inter_token_latency.labels(head=label).observe(later - earlier)
         for seq in [main, *result.comparisons]:
             self.metrics.generated_tokens.labels(head=seq.head_label, decoder=seq.decoder).inc(len(seq.token_ids))
+
+
+def _needs_base_logits(head: object) -> bool:
+    """The base's own rows and residual (or "probs") heads use the base's logits of their rows."""
+    return head is None or bool(getattr(head, "accepts_base_logits", False))
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[JobResult], result: JobResult | None,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from heads.sampling import SamplingParams
+from server.factored import FactoredHead
 from server.schemas import FinishReason
 
 
@@ -24,7 +25,8 @@ class Sequence:
 
     decoder: str  # metrics label: the strategy, or "linear_greedy" / "linear_top_k" for comparisons
     head_label: str  # the head's name, or "base" for the base's own linear head
-    head: nn.Module | None  # None: the base's LM head; a strong reference, so eviction or deletion cannot pull it
+    # None: the base's LM head. A strong reference, so eviction or deletion cannot pull it mid-decode.
+    head: nn.Module | FactoredHead | None
     params: SamplingParams
     generator: torch.Generator | None  # per sequence, so its draws do not depend on what else is decoding
     max_new_tokens: int
@@ -75,7 +77,7 @@ class GenerationJob:
     """A validated request: token ids of the formatted prompt and how to continue it."""
 
     prompt_ids: list[int]
-    head: nn.Module | None  # prepared by the handler (None: the base's linear head); held until the job ends
+    head: nn.Module | FactoredHead | None  # prepared by the handler (None: the base's linear head)
     head_label: str  # the head's registry name, or "base"
     params: SamplingParams
     seed: int  # seeds the answer and the linear_top_k comparison alike

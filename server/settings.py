@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1)  # sequences per engine step (comparison decodes count)
     max_batch_tokens: int = Field(default=4096, ge=1)  # prompt + decode tokens per engine step
     head_cache_size: int = Field(default=8, ge=1)  # prepared heads kept on the device
+    # A backward-attention head serves in factored form (KB resident, ms to load) until this use, then
+    # its keys are materialised for the fastest decode; 1: materialise at load; 0: never.
+    materialize_after: int = Field(default=2, ge=0)
     admin_token: SecretStr | None = None  # when set, registering and deleting heads need it
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)  # whole multipart body of POST /heads
 

@@ -18,6 +18,7 @@ from heads import BackwardAttentionConfig, BackwardAttentionHead, load_head
 from heads.base import EMBEDDED_BASE, REPO_ROOT, Base, load_base
 from heads.sampling import SamplingParams
 from server.engine import Engine, Pending
+from server.factored import FactoredHead, SharedNorms
 from server.metrics import Metrics
 from server.ragged import Prefill, RaggedGPT2
 from server.sequence import GenerationJob, JobResult
@@ -46,6 +47,10 @@ def heads(base: Base) -> dict[str, Any]:
     torch.nn.init.normal_(wild.query.weight, std=0.5)
     wild.eval().prepare(base.embeddings)
     loaded["wild"] = wild
+    norms = SharedNorms(base.embeddings)
+    math_module, _ = load_head(REPO_ROOT / "registry" / "math", fingerprint=base.fingerprint)
+    loaded["math-factored"] = FactoredHead(math_module, norms)  # the form a head has on its first uses
+    loaded["wild-factored"] = FactoredHead(wild, norms)
     return loaded
 
 
@@ -97,6 +102,15 @@ def test_output_alone_equals_output_in_a_batch_of_16(base: Base, heads: dict[str
     together = [outputs(r) for r in engine.run_until_done(fresh(jobs))]
     assert together == alone
     assert len({tuple(o[0][1]) for o in alone}) > 8  # the mix really varies
+
+
+def test_factored_and_prepared_forms_of_a_head_decode_the_same(base: Base, heads: dict[str, Any]) -> None:
+    engine = make_engine(base)
+    for name in ("math", "wild"):
+        jobs = [replace(job(base, heads, i), head=heads[name], head_label=name, compare=()) for i in range(4)]
+        factored = [replace(j, head=heads[f"{name}-factored"]) for j in jobs]
+        prepared = [outputs(r) for r in engine.run_until_done(jobs)]
+        assert [outputs(r) for r in engine.run_until_done(factored)] == prepared
 
 
 def test_sequences_join_and_leave_between_steps(base: Base, heads: dict[str, Any]) -> None:

@@ -1,0 +1,67 @@
+"""The head cache serves a backward-attention head factored first and materialises it once it is reused."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from heads import BackwardAttentionHead, LinearHead
+from heads.base import EMBEDDED_BASE, REPO_ROOT, Base, load_base
+from server.factored import FactoredHead
+from server.head_cache import HeadCache
+from server.metrics import Metrics
+from server.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def base() -> Base:
+    return load_base(str(EMBEDDED_BASE))
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    for name in ("math", "math-linear"):
+        shutil.copytree(REPO_ROOT / "registry" / name, tmp_path / name)
+    return Registry(tmp_path)
+
+
+def wait_for(cache: HeadCache, name: str, kind: type, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not isinstance(cache.get(name).module, kind):
+        assert time.monotonic() < deadline, f"{name} never became {kind.__name__}"
+        time.sleep(0.01)
+
+
+def test_first_use_is_factored_and_the_second_materialises_in_the_background(base: Base,
+                                                                              registry: Registry) -> None:
+    cache = HeadCache(registry, base, Metrics(), capacity=4, materialize_after=2)
+    first = cache.get("math")
+    assert isinstance(first.module, FactoredHead)
+    cache.get("math")  # the second use schedules the keys
+    wait_for(cache, "math", BackwardAttentionHead)
+    prepared = cache.get("math").module
+    assert prepared._key_cache is not None  # type: ignore[union-attr]
+    assert first.module.head is prepared  # the factored form keeps serving whoever still holds it
+    assert isinstance(cache.get("math-linear").module, LinearHead)  # other kinds load as before
+
+
+@pytest.mark.parametrize(("after", "kind"), [(1, BackwardAttentionHead), (0, FactoredHead)])
+def test_materialize_at_load_or_never(base: Base, registry: Registry, after: int, kind: type) -> None:
+    cache = HeadCache(registry, base, Metrics(), capacity=4, materialize_after=after)
+    for _ in range(4):
+        assert isinstance(cache.get("math").module, kind)
+    time.sleep(0.05)
+    assert isinstance(cache.get("math").module, kind)
+
+
+def test_a_head_replaced_while_factored_is_reloaded_not_materialised_stale(base: Base,
+                                                                          registry: Registry) -> None:
+    cache = HeadCache(registry, base, Metrics(), capacity=4, materialize_after=3)
+    old = cache.get("math")
+    shutil.rmtree(registry.path("math"))
+    shutil.copytree(REPO_ROOT / "registry" / "math-linear", registry.path("math"))
+    assert isinstance(cache.get("math").module, LinearHead)
+    assert isinstance(old.module, FactoredHead)
