@@ -1,0 +1,101 @@
+"""Run the real server (`python -m server`) as a child process for the benchmark.
+
+Why a subprocess rather than the app in-process: the numbers should include HTTP, JSON and the
+event loop exactly as a deployment pays them, and the server must not share a Python interpreter
+(and its GIL) with the load generator.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from clients import HeadserveClient, HeadserveError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port nobody is listening on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """Context manager: start the server, wait for /readyz, and always stop it on the way out."""
+
+    def __init__(self, base_dir: Path, heads_dir: Path, log_path: Path, *, env: dict[str, str],
+                 ready_timeout_s: float = 300.0) -> None:
+        self.base_dir, self.heads_dir, self.log_path = base_dir, heads_dir, log_path
+        self.extra_env, self.ready_timeout_s = env, ready_timeout_s
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_after_s: float | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **self.extra_env}
+        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--base-model", str(self.base_dir),
+               "--heads-dir", str(self.heads_dir), "--log-level", "warning"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # the child gets its own copy of the descriptor
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()  # the child keeps its own copy of the descriptor
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        start = time.perf_counter()
+        with HeadserveClient(self.url, timeout=5.0) as client:
+            while True:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was ready; "
+                                       f"see {self.log_path}:\n{self.log_tail()}")
+                try:
+                    client.ready()
+                    self.ready_after_s = time.perf_counter() - start
+                    return
+                except HeadserveError:
+                    pass
+                if time.perf_counter() - start > self.ready_timeout_s:
+                    raise TimeoutError(f"the server was not ready after {self.ready_timeout_s:.0f}s; "
+                                       f"see {self.log_path}:\n{self.log_tail()}")
+                time.sleep(0.5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """SIGINT first (uvicorn shuts down cleanly), then SIGKILL if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
