@@ -23,11 +23,11 @@ from clients.errors import (
     ServerError,
     UnauthorizedError,
 )
-from clients.types import Comparison, GenerateResult, HeadSummary, Readiness, Timings, TokenLogprob
+from clients.types import Comparison, GenerateResult, HeadSummary, Readiness, StreamToken, Timings, TokenLogprob
 
 __all__ = [
     "DEFAULT_URL", "AsyncHeadserveClient", "Comparison", "ConflictError", "ForbiddenError", "GenerateResult",
     "HeadNotFoundError", "HeadSummary", "HeadserveClient", "HeadserveConnectionError", "HeadserveError",
     "InvalidRequestError", "NotReadyError", "PayloadTooLargeError", "QueueFullError", "Readiness", "ServerError",
-    "Timings", "TokenLogprob", "UnauthorizedError",
+    "StreamToken", "Timings", "TokenLogprob", "UnauthorizedError",
 ]

@@ -20,6 +20,7 @@ import shutil
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from clients.client import DEFAULT_URL, HeadserveClient
 from clients.errors import HeadserveError
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true", help="also decode with the base's linear head, greedy and top-k")
     gen.add_argument("--raw", action="store_true", help="send the prompt verbatim, without the head's template")
     gen.add_argument("--json", action="store_true", help="print the full response as JSON")
+    gen.add_argument("--stream", action="store_true", help="print the answer token by token as it is generated")
 
     reg = commands.add_parser("register", help="upload a head folder (head_config.json + head.safetensors)")
     reg.add_argument("dir")
@@ -112,10 +114,14 @@ def format_heads(heads: Sequence[HeadSummary]) -> str:
 
 def run(args: argparse.Namespace, client: HeadserveClient) -> None:
     if args.command == "generate":
-        result = client.generate(
-            args.prompt, args.head, max_new_tokens=args.max_new_tokens, strategy=args.strategy, top_k=args.top_k,
-            top_p=args.top_p, temperature=args.temperature, seed=args.seed, stop=args.stop, compare=args.compare,
-            raw=args.raw)
+        options = dict(max_new_tokens=args.max_new_tokens, strategy=args.strategy, top_k=args.top_k, top_p=args.top_p,
+                       temperature=args.temperature, seed=args.seed, stop=args.stop, compare=args.compare, raw=args.raw)
+        if args.stream:
+            result = _stream(client, args, options)
+        else:
+            result = client.generate(args.prompt, args.head, **options)
+        if args.stream and not (args.json or args.compare):
+            return
         if args.json:
             print(json.dumps(dataclasses.asdict(result), indent=2))
         elif args.compare:
@@ -130,6 +136,21 @@ def run(args: argparse.Namespace, client: HeadserveClient) -> None:
     elif args.command == "delete":
         client.delete_head(args.name)
         print(f"deleted {args.name}")
+
+
+def _stream(client: HeadserveClient, args: argparse.Namespace, options: dict[str, Any]) -> GenerateResult:
+    """Print the answer's text as it arrives (unless --json); return the final result."""
+    result = None
+    for event in client.generate_stream(args.prompt, args.head, **options):
+        if isinstance(event, GenerateResult):
+            result = event
+        elif event.decoder == "main" and not args.json:
+            print(event.text, end="", flush=True)
+    if not args.json:
+        print("\n" if args.compare else "", flush=True)
+    if result is None:
+        raise HeadserveError("the stream ended without a result")
+    return result
 
 
 def _one_line(message: str) -> str:

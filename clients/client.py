@@ -8,7 +8,7 @@ it. Errors come back as the typed exceptions of `clients.errors`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -17,7 +17,8 @@ from urllib.parse import quote
 import httpx
 
 from clients.errors import HeadserveConnectionError, HeadserveError, error_for
-from clients.types import GenerateResult, HeadSummary, Readiness
+from clients.streaming import event_from_line
+from clients.types import GenerateResult, HeadSummary, Readiness, StreamToken
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Generation can take a while on a CPU; connecting should not.
@@ -47,6 +48,8 @@ class SyncHTTP(Protocol):
     def request(self, method: str, url: Any, *, data: Any = ..., files: Any = ..., json: Any = ...,
                 params: Any = ..., headers: Any = ..., timeout: Any = ...) -> Any: ...
 
+    def stream(self, method: str, url: Any, *, json: Any = ..., headers: Any = ..., timeout: Any = ...) -> Any: ...
+
     def close(self) -> None: ...
 
 
@@ -58,6 +61,8 @@ class AsyncHTTP(Protocol):
 
     async def request(self, method: str, url: Any, *, data: Any = ..., files: Any = ..., json: Any = ...,
                       params: Any = ..., headers: Any = ..., timeout: Any = ...) -> Any: ...
+
+    def stream(self, method: str, url: Any, *, json: Any = ..., headers: Any = ..., timeout: Any = ...) -> Any: ...
 
     async def aclose(self) -> None: ...
 
@@ -106,6 +111,10 @@ def _generate_body(prompt: str, head: str | None = None, *, max_new_tokens: int 
 
 def _head_path(name: str) -> str:
     return "/heads/" + quote(name, safe="")
+
+
+def _stream_call(prompt: str, head: str | None, **options: Any) -> _Call:
+    return _Call("POST", "/generate", lambda r: None, json={**_generate_body(prompt, head, **options), "stream": True})
 
 
 def _generate_call(prompt: str, head: str | None, **options: Any) -> _Call:
@@ -213,6 +222,27 @@ class HeadserveClient(_ClientBase):
             temperature=temperature, seed=seed, stop=stop, compare=compare, raw=raw, return_logprobs=return_logprobs,
             ignore_eos=ignore_eos))
 
+    def generate_stream(self, prompt: str, head: str | None = None,
+                        **options: Any) -> Iterator[StreamToken | GenerateResult]:
+        """`generate` token by token: yields a StreamToken per token of every decoder, then the GenerateResult.
+
+        Takes the same options as `generate`. Leaving the loop early closes the connection, and the
+        server frees the request's batch slot at its next step.
+        """
+        call = _stream_call(prompt, head, **options)
+        kwargs = self._request_kwargs(call)
+        try:
+            with self._http.stream(call.method, self._prefix + call.path, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_for(response)
+                for line in response.iter_lines():
+                    event = event_from_line(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from e
+
     def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                       replace: bool = False) -> HeadSummary:
         """Upload a head folder under `name` (default: the folder's name); `replace` overwrites an existing one."""
@@ -275,6 +305,23 @@ class AsyncHeadserveClient(_ClientBase):
             prompt, head, max_new_tokens=max_new_tokens, strategy=strategy, top_k=top_k, top_p=top_p,
             temperature=temperature, seed=seed, stop=stop, compare=compare, raw=raw, return_logprobs=return_logprobs,
             ignore_eos=ignore_eos))
+
+    async def generate_stream(self, prompt: str, head: str | None = None,
+                              **options: Any) -> AsyncIterator[StreamToken | GenerateResult]:
+        """The async `HeadserveClient.generate_stream`."""
+        call = _stream_call(prompt, head, **options)
+        kwargs = self._request_kwargs(call)
+        try:
+            async with self._http.stream(call.method, self._prefix + call.path, **kwargs) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise error_for(response)
+                async for line in response.aiter_lines():
+                    event = event_from_line(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from e
 
     async def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                             replace: bool = False) -> HeadSummary:

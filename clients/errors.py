@@ -105,8 +105,12 @@ def _detail(response: httpx.Response) -> str:
 
 def error_for(response: httpx.Response) -> HeadserveError:
     """The typed exception for a non-2xx response."""
-    status, detail = response.status_code, _detail(response)
+    return error_for_status(response.status_code, _detail(response), response.headers.get("retry-after"))
+
+
+def error_for_status(status: int, detail: str, retry_after: str | None = None) -> HeadserveError:
+    """The typed exception for a status and detail (an error response, or an error event mid-stream)."""
     if status == 429:
-        return QueueFullError(detail, status, parse_retry_after(response.headers.get("retry-after")))
+        return QueueFullError(detail, status, parse_retry_after(retry_after))
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else HeadserveError)
     return cls(detail, status)

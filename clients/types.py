@@ -41,11 +41,33 @@ class Comparison:
     text: str
     tokens: int
     finish_reason: str
+    timings: Timings | None = None  # its own first token, total and rate (servers before streaming sent none)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Comparison:
+        timings = data.get("timings")
         return cls(decoder=str(data["decoder"]), text=str(data["text"]), tokens=int(data["tokens"]),
-                   finish_reason=str(data["finish_reason"]))
+                   finish_reason=str(data["finish_reason"]),
+                   timings=None if timings is None else Timings.from_json(timings))
+
+
+@dataclass(frozen=True)
+class StreamToken:
+    """One token of a streamed generation, as soon as the server decides it."""
+
+    decoder: str  # "main" for the answer, else "linear_greedy" | "linear_top_k"
+    token_id: int
+    token: str  # the token on its own
+    text: str  # the text it makes final (empty while a partial character or possible stop string is held back)
+    logprob: float
+    finish_reason: str | None  # set on the decoder's last token
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StreamToken:
+        reason = data.get("finish_reason")
+        return cls(decoder=str(data["decoder"]), token_id=int(data["token_id"]), token=str(data["token"]),
+                   text=str(data["text"]), logprob=float(data["logprob"]),
+                   finish_reason=None if reason is None else str(reason))
 
 
 @dataclass(frozen=True)

@@ -17,54 +17,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from heads import BaseMismatchError, HeadError, HeadFormatError
+from heads import HeadError
 from heads.base import load_base
 from server.engine import Engine
-from server.errors import (
-    AuthInvalidError,
-    AuthMissingError,
-    HeadExistsError,
-    HeadNotFoundError,
-    HeadUnavailableError,
-    InvalidRequestError,
-    NotReadyError,
-    QueueFullError,
-    ServerError,
-    UploadTooLargeError,
-)
+from server.errors import AuthMissingError, HeadNotFoundError, QueueFullError, ServerError, status_for
 from server.head_cache import HeadCache
 from server.metrics import Metrics
+from server.openai_schemas import openai_error_body
 from server.registry import Registry
-from server.routes import generate, heads, health
+from server.routes import generate, heads, health, openai, web
 from server.settings import Settings, get_settings
 from server.state import Runtime
 
 log = logging.getLogger(__name__)
-
-# The one place where domain errors become HTTP status codes (most specific class first).
-STATUS_CODES: list[tuple[type[Exception], int]] = [
-    (InvalidRequestError, 422),
-    (HeadNotFoundError, 404),
-    (HeadExistsError, 409),
-    (HeadUnavailableError, 409),
-    (BaseMismatchError, 409),  # an uploaded head trained on another base
-    (HeadFormatError, 422),  # an uploaded head with malformed files
-    (UploadTooLargeError, 413),
-    (QueueFullError, 429),
-    (NotReadyError, 503),
-    (AuthMissingError, 401),
-    (AuthInvalidError, 403),
-]
-
-
-def status_for(error: Exception) -> int:
-    for cls, status in STATUS_CODES:
-        if isinstance(error, cls):
-            return status
-    return 500
-
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
@@ -78,8 +47,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ServerError, _domain_error)
     app.add_exception_handler(HeadError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for router in (generate.router, heads.router, health.router):
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for router in (generate.router, heads.router, health.router, openai.router, web.router):
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app
 
 
@@ -133,13 +104,30 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if status == 500:  # a ServerError subclass nobody mapped: a bug, not the client's fault
         log.error("unmapped domain error %s: %s", type(exc).__name__, exc)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
-    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+        return _error(request, 500, "internal server error")
+    code = "model_not_found" if isinstance(exc, HeadNotFoundError) else None  # only read under /v1
+    return _error(request, status, str(exc), headers, code)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    return JSONResponse({"detail": describe_validation_errors(errors)}, status_code=422)
+    return _error(request, 422, describe_validation_errors(errors))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (unknown route, wrong method) in the same shapes as ours."""
+    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+    detail = exc.detail if isinstance(exc, StarletteHTTPException) else "internal server error"
+    headers = getattr(exc, "headers", None) or {}
+    return _error(request, status, str(detail), headers)
+
+
+def _error(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
+           code: str | None = None) -> JSONResponse:
+    """`{"detail": ...}` everywhere, except OpenAI's `{"error": {...}}` under /v1, which its clients parse."""
+    if request.url.path.startswith("/v1/") or request.url.path == "/v1":
+        return JSONResponse(openai_error_body(status, message, code), status_code=status, headers=headers)
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
 def describe_validation_errors(errors: Any) -> str:

@@ -25,10 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from heads.base import Base
-from heads.sampling import SamplingParams, make_generator, sample
+from heads.sampling import SamplingParams, make_generator, sample, scaled_logits
 from server.errors import NotReadyError, QueueFullError
 from server.factored import FactoredHead
 from server.metrics import Metrics
@@ -50,6 +51,8 @@ class Pending:
     job: GenerationJob
     settle: Settle  # called once, from the worker thread, with the result or the error
     abandoned: Callable[[], bool] = lambda: False  # the caller stopped waiting: skip or drop the job
+    # Streaming callers: called from the worker after every step that gave the job new tokens, with its sequences.
+    progress: Callable[[list[Sequence]], None] | None = None
 
 
 @dataclass
@@ -179,6 +182,7 @@ class Engine:
                 pending = self._waiting[0]
                 if pending.abandoned():
                     self._waiting.popleft()
+                    self.metrics.abandoned_requests.inc()
                     continue
                 job = pending.job
                 need = 1 + len(job.compare)
@@ -201,7 +205,8 @@ class Engine:
         max_new = max(1, min(job.max_new_tokens, room))
         sequences = [Sequence(decoder=job.params.strategy, head_label=job.head_label, head=job.head,
                               params=job.params, generator=self._generator(job.params, job.seed),
-                              max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos)]
+                              max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos,
+                              top_logprobs=job.top_logprobs)]
         for strategy in job.compare:
             params = SamplingParams(strategy=strategy, top_k=job.params.top_k, temperature=job.params.temperature)
             sequences.append(Sequence(decoder=COMPARISON_DECODERS[strategy], head_label="base", head=None,
@@ -240,7 +245,9 @@ class Engine:
         if len(rows) != hidden.shape[0]:  # a prefill shared by comparison decodes feeds each of them
             hidden = hidden[torch.tensor(rows, device=hidden.device)]
         self._next_tokens(hidden, batch)
+        self._report_progress(batch)
         self._retire_finished()
+        self.metrics.active_sequences.set(len(self._active))
 
     def _next_tokens(self, hidden: Tensor, batch: list[Sequence]) -> None:
         """Each head's decode once for its rows, then each sequence's own draw."""
@@ -261,6 +268,25 @@ class Engine:
                 if seq.params.strategy != "greedy":
                     token, logprob = sample(logits[i:i + 1], seq.params, seq.generator)
                     seq.append(int(token), float(logprob), now, self.base.tokenizer, self.eos_id)
+            for i, row in enumerate(rows):
+                seq = batch[row]
+                if seq.top_logprobs:  # from the distribution the token's own logprob comes from
+                    top = F.log_softmax(scaled_logits(logits[i:i + 1], seq.params), dim=-1)[0].topk(seq.top_logprobs)
+                    seq.top.append(list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+
+    def _report_progress(self, batch: list[Sequence]) -> None:
+        """Tell streaming callers about their jobs' new tokens; a failing callback never stops the batch."""
+        told: set[int] = set()
+        for seq in batch:
+            running = self._owner[id(seq)]
+            progress = running.pending.progress
+            if progress is None or id(running) in told:
+                continue
+            told.add(id(running))
+            try:
+                progress(running.sequences)
+            except Exception:
+                log.exception("a stream's progress callback failed")
 
     def _group_logits(self, hidden: Tensor, batch: list[Sequence],
                       groups: list[list[int]]) -> list[tuple[list[int], Tensor]]:
@@ -318,10 +344,16 @@ class Engine:
                     self._finish(running)
 
     def _drop_abandoned(self) -> None:
-        """A caller that stopped waiting frees its slots before the next forward; nobody is settled."""
+        """A caller that stopped waiting (a closed stream) frees its slots before the next forward."""
+        dropped: set[int] = set()
         for index in range(len(self._active) - 1, -1, -1):
-            if self._owner[id(self._active[index])].pending.abandoned():
+            running = self._owner[id(self._active[index])]
+            if running.pending.abandoned():
                 self._remove(index)
+                dropped.add(id(running))
+        if dropped:
+            self.metrics.abandoned_requests.inc(len(dropped))
+            self.metrics.active_sequences.set(len(self._active))
 
     def _remove(self, index: int) -> Running:
         """Take the sequence at `index` out of the batch; the last active sequence moves into its slot."""
@@ -340,13 +372,15 @@ class Engine:
     def _finish(self, running: Running) -> None:
         main, *comparisons = running.sequences
         result = JobResult(main=main, comparisons=comparisons, accepted_at=running.pending.job.accepted_at,
-                           started_at=running.started_at, finished_at=time.perf_counter())
+                           started_at=running.started_at, finished_at=time.perf_counter(),
+                           prompt_tokens=len(running.pending.job.prompt_ids))
         self._record(result)
         running.pending.settle(result, None)
 
     def _fail_active(self, error: BaseException) -> None:
         failed = {id(r): r for r in (self._owner[id(s)] for s in self._active)}
         self._active, self._owner = [], {}
+        self.metrics.active_sequences.set(0)
         self.cache.release()
         for running in failed.values():
             running.pending.settle(None, error)

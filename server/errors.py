@@ -6,6 +6,8 @@ never contain a traceback or a server-side path the client did not send.
 
 from __future__ import annotations
 
+from heads import BaseMismatchError, HeadFormatError
+
 
 class ServerError(Exception):
     """Base class for errors whose message is safe to show to a client."""
@@ -53,3 +55,32 @@ class AuthMissingError(ServerError):
 
 class AuthInvalidError(ServerError):
     """An admin route was called with the wrong bearer token."""
+
+
+# The one place where domain errors become HTTP status codes (most specific class first).
+STATUS_CODES: list[tuple[type[Exception], int]] = [
+    (InvalidRequestError, 422),
+    (HeadNotFoundError, 404),
+    (HeadExistsError, 409),
+    (HeadUnavailableError, 409),
+    (BaseMismatchError, 409),  # an uploaded head trained on another base
+    (HeadFormatError, 422),  # an uploaded head with malformed files
+    (UploadTooLargeError, 413),
+    (QueueFullError, 429),
+    (NotReadyError, 503),
+    (AuthMissingError, 401),
+    (AuthInvalidError, 403),
+]
+
+
+def status_for(error: BaseException) -> int:
+    """The HTTP status of a domain error; 500 for anything else (a bug, never shown in detail)."""
+    for cls, status in STATUS_CODES:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def public_detail(error: BaseException) -> str:
+    """What a client may read about an error: the message of a mapped one, nothing about a bug."""
+    return str(error) if status_for(error) != 500 else "internal server error"

@@ -42,6 +42,11 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_heads = Histogram("headserve_batch_heads", "Distinct heads in one engine step (base included)",
                                      buckets=BATCH_BUCKETS, registry=r)
+        self.active_sequences = Gauge("headserve_active_sequences",
+                                      "Sequences holding a batch slot after the last engine step", registry=r)
+        self.abandoned_requests = Counter("headserve_abandoned_requests_total",
+                                          "Requests dropped because their client went away (closed streams)",
+                                          registry=r)
         self.queue_size = Gauge("headserve_queue_size", "Requests waiting for the engine worker", registry=r)
 
     def observe_request(self, route: str, head: str, status: int, seconds: float) -> None:

@@ -45,6 +45,7 @@ class GenerateRequest(Strict):
     raw: bool = False
     return_logprobs: bool = False
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks want fixed lengths)
+    stream: bool = False  # answer with server-sent events, token by token (docs/api.md)
 
     @field_validator("prompt")
     @classmethod
@@ -80,6 +81,7 @@ class Comparison(BaseModel):
     text: str
     tokens: int
     finish_reason: FinishReason
+    timings: Timings | None = None  # its own first token, last token and rate (same queue time as the answer)
 
 
 class GenerateResponse(BaseModel):

@@ -32,10 +32,12 @@ class Sequence:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    top_logprobs: int = 0  # most likely alternatives to record per token (OpenAI's `logprobs`)
     cached: int = 0  # tokens of this sequence whose keys/values sit in its cache slot
     token_ids: list[int] = field(default_factory=list)  # generated ids, including a final EOS
     logprobs: list[float] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # perf_counter() when each token was produced
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob), most likely first
     text: str = ""
     finish_reason: FinishReason | None = None
 
@@ -85,6 +87,7 @@ class GenerationJob:
     stop: tuple[str, ...] = ()
     compare: tuple[str, ...] = ()  # from "greedy", "top_k"
     ignore_eos: bool = False
+    top_logprobs: int = 0  # alternatives per token to report for the answer (0: none)
     accepted_at: float = field(default_factory=time.perf_counter)
 
 
@@ -95,3 +98,4 @@ class JobResult:
     accepted_at: float
     started_at: float
     finished_at: float
+    prompt_tokens: int = 0

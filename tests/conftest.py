@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from training import synth
 from training.pretrain import train_tokenizer
@@ -33,6 +33,25 @@ def make_tiny_base(path: Path, seed: int = 0, n_embd: int = 32) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base")
+
+
+@pytest.fixture(scope="session")
+def lively_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base with large random weights, so greedy text varies token to token.
+
+    With the default init a random GPT-2 repeats one token forever, and a test comparing two
+    decodes would pass even with wrong positions, padding or caches; these weights make it fail.
+    """
+    out = tmp_path_factory.mktemp("lively") / "base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_base_dir).save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,57 +1,81 @@
-"""POST /generate: validate, format and tokenize the prompt, enqueue, await the engine, answer."""
+"""POST /generate: validate, build the job, then answer once it is done or stream it token by token."""
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from heads.sampling import SamplingParams
-from server.errors import InvalidRequestError
+from server.errors import public_detail, status_for
+from server.jobs import JobRequest, build_job, check_max_new_tokens
 from server.metrics import BASE_LABEL
-from server.schemas import DEFAULT_MAX_NEW_TOKENS, Comparison, GenerateRequest, GenerateResponse, Timings, TokenLogprob
-from server.sequence import GenerationJob, JobResult
+from server.schemas import (
+    DEFAULT_MAX_NEW_TOKENS,
+    Comparison,
+    GenerateRequest,
+    GenerateResponse,
+    Timings,
+    TokenLogprob,
+)
+from server.sequence import JobResult, Sequence
+from server.sse import SSE_HEADERS, sse_done, sse_event
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, set_head_label
+from server.streaming import JobDone, JobFailed, JobStream, TokenEvent
 
 router = APIRouter(tags=["generate"])
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "JSON, or server-sent events with `stream: true` (docs/api.md)"}})
 async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep, registry: RegistryDep,
-                   settings: SettingsDep) -> GenerateResponse:
+                   settings: SettingsDep) -> GenerateResponse | StreamingResponse:
     max_new_tokens = body.max_new_tokens
     if "max_new_tokens" not in body.model_fields_set:
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens)
-    if max_new_tokens > settings.max_new_tokens:
-        raise InvalidRequestError(f"max_new_tokens must be between 1 and {settings.max_new_tokens}, "
-                                  f"got {max_new_tokens}")
-    template = "{problem}"
-    if body.head is not None:
-        template = registry.metadata(body.head).prompt_template  # 404 for an unknown head, before any queueing
+    check_max_new_tokens(max_new_tokens, settings)
     set_head_label(request, body.head or BASE_LABEL)
-    prompt = body.prompt if body.raw else template.replace("{problem}", body.prompt)
-    # Tokenizing a long prompt takes a while; keep it off the event loop.
-    prompt_ids = await run_in_threadpool(lambda: list(runtime.base.tokenizer(prompt)["input_ids"]))
-    if not prompt_ids:
-        raise InvalidRequestError("the prompt encodes to no tokens")
-    if len(prompt_ids) > runtime.prompt_token_limit:
-        raise InvalidRequestError(f"the prompt is {len(prompt_ids)} tokens once formatted; the limit is "
-                                  f"{runtime.prompt_token_limit}")
-    # Preparing a head that is not resident takes a while: do it here, off the event loop and off the
-    # engine thread, so the batch keeps decoding. The job holds the head even if the cache evicts it.
-    head = None
-    if body.head is not None:
-        head = (await run_in_threadpool(runtime.head_cache.get, body.head)).module
     d = body.decoding
-    job = GenerationJob(prompt_ids=prompt_ids, head=head, head_label=body.head or BASE_LABEL,
-                        params=SamplingParams(strategy=d.strategy, top_k=d.top_k, top_p=d.top_p,
-                                              temperature=d.temperature),
-                        seed=d.seed if d.seed is not None else secrets.randbits(63),
-                        max_new_tokens=max_new_tokens, stop=tuple(body.stop or ()), compare=tuple(body.comparisons()),
-                        ignore_eos=body.ignore_eos)
-    result = await runtime.engine.generate(job)
-    return _response(body, prompt, result, runtime)
+    job, prompt = await build_job(JobRequest(
+        prompt=body.prompt, head=body.head, raw=body.raw, max_new_tokens=max_new_tokens,
+        params=SamplingParams(strategy=d.strategy, top_k=d.top_k, top_p=d.top_p, temperature=d.temperature),
+        seed=d.seed, stop=tuple(body.stop or ()), compare=tuple(body.comparisons()), ignore_eos=body.ignore_eos),
+        runtime, registry)
+    if not body.stream:
+        result = await runtime.engine.generate(job)
+        return _response(body, prompt, result, runtime)
+    stream = JobStream(runtime.engine, [job])  # 429 here, before any byte of the stream is sent
+    return StreamingResponse(_events(stream, body, prompt, runtime), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+async def _events(stream: JobStream, body: GenerateRequest, prompt: str, runtime: Runtime) -> AsyncIterator[bytes]:
+    """`token` events as tokens are decided, then `done` with the full response (or `error`), then [DONE]."""
+    try:
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                yield sse_event({"type": "token", "decoder": event.decoder, "token_id": event.token_id,
+                                 "token": event.token, "text": event.text, "logprob": event.logprob,
+                                 "finish_reason": event.finish_reason})
+            elif isinstance(event, JobDone):
+                response = _response(body, prompt, event.result, runtime)
+                yield sse_event({"type": "done", "response": response.model_dump(mode="json")})
+            elif isinstance(event, JobFailed):
+                yield sse_event({"type": "error", "status": status_for(event.error),
+                                 "detail": public_detail(event.error)})
+        yield sse_done()
+    finally:
+        stream.close()  # the client went away (or we are done): free the batch slots before the next step
+
+
+def _timings(seq: Sequence, result: JobResult) -> Timings:
+    finished = seq.token_times[-1] if seq.token_times else result.finished_at
+    first = seq.token_times[0] if seq.token_times else result.finished_at
+    worked = max(finished - result.started_at, 1e-9)
+    return Timings(queue_s=result.started_at - result.accepted_at, first_token_s=first - result.accepted_at,
+                   total_s=finished - result.accepted_at, tokens_per_s=len(seq.token_ids) / worked)
 
 
 def _response(body: GenerateRequest, prompt: str, result: JobResult, runtime: Runtime) -> GenerateResponse:
@@ -68,6 +92,7 @@ def _response(body: GenerateRequest, prompt: str, result: JobResult, runtime: Ru
     comparisons = None
     if result.comparisons:
         comparisons = [Comparison(decoder=seq.decoder, text=seq.text, tokens=len(seq.token_ids),
-                                  finish_reason=seq.reason) for seq in result.comparisons]
+                                  finish_reason=seq.reason, timings=_timings(seq, result))
+                       for seq in result.comparisons]
     return GenerateResponse(text=main.text, tokens=len(main.token_ids), finish_reason=main.reason,
                             head=body.head, prompt=prompt, timings=timings, logprobs=logprobs, comparisons=comparisons)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,11 +28,11 @@ from clients import (
 )
 from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
 from heads.base import load_base
+from tests.e2e.serving import Server, serve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "Problem: {problem}\nSolution:"
 TOKEN = "e2e-admin-token"
-READY_TIMEOUT_S = 60.0
 
 
 def make_head(base_dir: Path, out: Path, seed: int = 0) -> Path:
@@ -46,65 +44,17 @@ def make_head(base_dir: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every file and folder under `folder` (hidden temporaries included) by relative path; files with their bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
-@dataclass
-class Server:
-    url: str
-    heads_dir: Path
-
-    def client(self, token: str | None = TOKEN) -> HeadserveClient:
-        return HeadserveClient(self.url, token=token, timeout=60.0)
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with HeadserveClient(url, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode} before ready:\n{log.read_text()[-3000:]}")
-            try:
-                client.ready()
-                return
-            except HeadserveError:  # NotReadyError, or not listening yet
-                time.sleep(0.25)
-    pytest.fail(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("e2e")
-    heads_dir = root / "heads"
-    make_head(tiny_base_dir, heads_dir / "math")
-    port, log = free_port(), root / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSERVE_")}
-    # One thread: OpenMP spinning on a busy 2-core machine slows a tiny model's steps many times over.
-    env.update(HEADSERVE_ADMIN_TOKEN=TOKEN, OMP_NUM_THREADS="1")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
-             "--base-model", str(tiny_base_dir), "--heads-dir", str(heads_dir)],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, process, log)
-        yield Server(url, heads_dir)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    make_head(tiny_base_dir, root / "heads" / "math")
+    with serve(tiny_base_dir, root / "heads", root / "server.log", token=TOKEN) as running:
+        yield running
 
 
 def test_ready_reports_the_base(server: Server, tiny_base_dir: Path) -> None:
@@ -264,6 +214,10 @@ def test_cli_generate(server: Server) -> None:
     assert done.returncode == 0, done.stderr
     for piece in ("head: math", "linear_greedy", "linear_top_k", "timings:"):
         assert piece in done.stdout
+
+    done = run_cli(server, "generate", "--head", "math", "What is 12 + 7?", "--max-new-tokens", "8", "--stream")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected.text + "\n"  # the streamed pieces spell the same answer
 
     done = run_cli(server, "heads")
     assert done.returncode == 0 and done.stdout.split()[:6] == ["NAME", "TYPE", "TASK", "BYTES", "RESIDENT", "CREATED"]

@@ -15,14 +15,18 @@ from pydantic import SecretStr
 from clients import (
     ConflictError,
     ForbiddenError,
+    GenerateResult,
     HeadNotFoundError,
     HeadserveClient,
     InvalidRequestError,
     NotReadyError,
     PayloadTooLargeError,
     QueueFullError,
+    ServerError,
+    StreamToken,
     UnauthorizedError,
 )
+from clients.streaming import event_from_line
 from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
 from heads.base import load_base
 from server.app import create_app
@@ -183,3 +187,32 @@ def test_queue_full_and_upload_too_large(tiny_base_dir: Path, tmp_path: Path) ->
         with pytest.raises(PayloadTooLargeError):
             client.register_head(folder, "big")
         assert client.list_heads() == []
+
+
+def test_generate_stream_yields_tokens_then_the_result(client: HeadserveClient) -> None:
+    events = list(client.generate_stream("What is 12 + 7?", "math", max_new_tokens=6, compare=True, seed=4))
+    *tokens, result = events
+    assert isinstance(result, GenerateResult) and all(isinstance(t, StreamToken) for t in tokens)
+    same = client.generate("What is 12 + 7?", "math", max_new_tokens=6, compare=True, seed=4)
+    assert result.text == same.text and result.comparisons is not None and same.comparisons is not None
+    assert "".join(t.text for t in tokens if t.decoder == "main") == same.text
+    for comparison in same.comparisons:
+        assert "".join(t.text for t in tokens if t.decoder == comparison.decoder) == comparison.text
+        assert comparison.timings is not None and comparison.timings.tokens_per_s > 0
+    assert len([t for t in tokens if t.decoder == "main"]) == same.tokens
+
+
+def test_generate_stream_errors_are_typed(client: HeadserveClient) -> None:
+    with pytest.raises(HeadNotFoundError):
+        list(client.generate_stream("2 + 2?", "nope"))
+    with pytest.raises(InvalidRequestError):
+        list(client.generate_stream("2 + 2?", max_new_tokens=0))
+
+
+def test_stream_error_events_raise_the_typed_error() -> None:
+    assert event_from_line("data: [DONE]") is None and event_from_line(": keep-alive") is None
+    with pytest.raises(ServerError, match="internal server error"):
+        event_from_line('data: {"type": "error", "status": 500, "detail": "internal server error"}')
+    with pytest.raises(NotReadyError):
+        event_from_line('data: {"type": "error", "status": 503, "detail": "shutting down"}')
+    assert event_from_line('data: {"type": "from-the-future"}') is None

@@ -18,18 +18,8 @@ TEXTS = ["Problem: Ava has 3", "Sam", "Problem: Ben buys 12 more apples. How man
 
 
 @pytest.fixture(scope="module")
-def base(tiny_base_dir: Path) -> Base:
-    """The tiny base with large random weights: its greedy text varies token to token.
-
-    With the default init a random GPT-2 repeats one token forever, and a test comparing two
-    decodes would pass even with wrong positions or padding; these weights make it fail.
-    """
-    base = load_base(str(tiny_base_dir))
-    gen = torch.Generator().manual_seed(0)
-    for p in base.model.parameters():
-        if p.dim() == 2:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return base
+def base(lively_base_dir: Path) -> Base:
+    return load_base(str(lively_base_dir))
 
 
 @pytest.fixture(scope="module")

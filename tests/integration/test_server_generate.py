@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from heads import BackwardAttentionConfig, BackwardAttentionHead, LinearHead, load_head, save_head
 from heads.base import Base, load_base
@@ -28,25 +27,6 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
     while client.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, client.get("/readyz").json()
         time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def lively_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base with large random weights, so greedy text varies token to token.
-
-    With the default init a random GPT-2 repeats one token forever, and comparing two decodes
-    would pass even if they were computed wrongly.
-    """
-    out = tmp_path_factory.mktemp("lively") / "base"
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_base_dir).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,10 @@ GENERATED: dict[str, Any] = {
     "timings": {"queue_s": 0.001, "first_token_s": 0.01, "total_s": 0.2, "tokens_per_s": 35.0},
     "logprobs": [{"token_id": 123, "token": " 1", "logprob": -0.01}],
     "comparisons": [
-        {"decoder": "linear_greedy", "text": " 19", "tokens": 2, "finish_reason": "eos"},
-        {"decoder": "linear_top_k", "text": " 20 and more", "tokens": 4, "finish_reason": "length"},
+        {"decoder": "linear_greedy", "text": " 19", "tokens": 2, "finish_reason": "eos",
+         "timings": {"queue_s": 0.001, "first_token_s": 0.01, "total_s": 0.05, "tokens_per_s": 40.0}},
+        {"decoder": "linear_top_k", "text": " 20 and more", "tokens": 4, "finish_reason": "length",
+         "timings": {"queue_s": 0.001, "first_token_s": 0.01, "total_s": 0.1, "tokens_per_s": 40.0}},
     ],
 }
 SUMMARY = {

@@ -1,0 +1,144 @@
+"""Bodies of the OpenAI-compatible API (`/v1`), following OpenAI's legacy Completions API.
+
+Fields OpenAI defines but we cannot honour (echo, best_of > 1, suffix, penalties, logit_bias,
+n > 1) are accepted in their neutral form and rejected with a clear 422 otherwise, so a tool
+never gets silently different behaviour. Fields OpenAI does not define are rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_PROMPTS = 32  # prompts in one request; each becomes a job of the same batch
+MAX_TOP_LOGPROBS = 5  # OpenAI's limit for `logprobs`
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description='"base" or a head name (see GET /v1/models)')
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0: greedy; default 1")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1, le=1000, description="extension, as in vLLM")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=8)] | None = None
+    n: int = 1
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and ignored, as a tracking id
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, stop: Any) -> Any:
+        if isinstance(stop, str) and not stop:
+            raise ValueError("stop must not be an empty string")
+        return stop
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        unsupported = [
+            (self.n != 1, f"n must be 1 (got {self.n}): one completion per prompt"),
+            (self.best_of not in (None, 1), f"best_of must be 1 (got {self.best_of})"),
+            (self.echo, "echo is not supported"),
+            (self.suffix is not None, "suffix is not supported"),
+            (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0,
+             "presence_penalty and frequency_penalty are not supported (must be 0)"),
+            (bool(self.logit_bias), "logit_bias is not supported"),
+        ]
+        for bad, message in unsupported:
+            if bad:
+                raise ValueError(message)
+        if isinstance(self.prompt, str) and not self.prompt.strip():
+            raise ValueError("prompt must not be empty or only whitespace")
+        if isinstance(self.prompt, list) and any(isinstance(p, str) and not p.strip() for p in self.prompt):
+            raise ValueError("no prompt in the list may be empty or only whitespace")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice: a string, a list of strings, token ids, or lists of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class Logprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Logprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "headserve"
+    parent: str | None = None  # for heads: the base they were trained on
+    root: str  # the base model's name
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+# OpenAI's error `type` by HTTP status; the body is {"error": {message, type, param, code}}.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+ERROR_CODES = {429: "queue_full", 503: "not_ready"}
+
+
+def openai_error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": None,
+                      "code": code or ERROR_CODES.get(status)}}

@@ -1,0 +1,193 @@
+"""`/v1/models` and `/v1/completions` through TestClient: results equal to /generate, errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
+from heads.base import Base, load_base
+from server.app import create_app
+from server.settings import Settings
+
+TEMPLATE = "Problem: {problem}\nSolution:"
+PROMPT = "Problem: Ava has 3 apples\nSolution:"
+
+
+@pytest.fixture(scope="module")
+def base(lively_base_dir: Path) -> Base:
+    return load_base(str(lively_base_dir))
+
+
+@pytest.fixture(scope="module")
+def client(lively_base_dir: Path, base: Base, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    heads_dir = tmp_path_factory.mktemp("registry")
+    torch.manual_seed(0)
+    head = BackwardAttentionHead(BackwardAttentionConfig(latent_dim=16), vocab_size=base.vocab_size,
+                                 n_embd=base.n_embd)
+    save_head(head, heads_dir / "math", base.info(), task="math", prompt_template=TEMPLATE)
+    (heads_dir / "broken").mkdir()  # a folder that is not a head: listed by /heads, never offered as a model
+    settings = Settings(base_model=str(lively_base_dir), heads_dir=heads_dir, device="cpu", max_new_tokens=64)
+    with TestClient(create_app(settings)) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        yield c
+
+
+def complete(client: TestClient, **body: Any) -> dict[str, Any]:
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def generate_raw(client: TestClient, prompt: str, head: str | None, n: int) -> dict[str, Any]:
+    r = client.post("/generate", json={"prompt": prompt, "head": head, "raw": True, "max_new_tokens": n})
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def assert_openai_error(r: Any, status: int, *fragments: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for fragment in fragments:
+        assert fragment in error["message"], error
+    return error  # type: ignore[no-any-return]
+
+
+def test_models_list_the_base_and_every_loadable_head(client: TestClient, base: Base) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    models = {m["id"]: m for m in body["data"]}
+    assert set(models) == {"base", "math"}
+    assert models["base"]["parent"] is None and models["math"]["parent"] == base.name
+    assert all(m["object"] == "model" and isinstance(m["created"], int) for m in models.values())
+    assert client.get("/v1/models/math").json()["id"] == "math"
+    assert_openai_error(client.get("/v1/models/nope"), 404, "nope")
+
+
+@pytest.mark.parametrize("model", ["base", "math"])
+def test_greedy_completion_equals_generate_with_a_raw_prompt(client: TestClient, base: Base, model: str) -> None:
+    out = complete(client, model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    same = generate_raw(client, PROMPT, None if model == "base" else model, 12)
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == model
+    (choice,) = out["choices"]
+    assert choice["index"] == 0 and choice["text"] == same["text"] and choice["logprobs"] is None
+    assert choice["finish_reason"] == ("length" if same["finish_reason"] == "length" else "stop")
+    prompt_tokens = len(base.tokenizer(PROMPT)["input_ids"])
+    assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": same["tokens"],
+                            "total_tokens": prompt_tokens + same["tokens"]}
+
+
+def test_a_list_of_prompts_gives_one_choice_each_in_order(client: TestClient, base: Base) -> None:
+    prompts = ["Sam", PROMPT, "Ben buys 12"]
+    out = complete(client, model="math", prompt=prompts, max_tokens=8, temperature=0)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    for prompt, choice in zip(prompts, out["choices"], strict=True):
+        assert choice["text"] == generate_raw(client, prompt, "math", 8)["text"]
+    ids = base.tokenizer("Sam")["input_ids"]
+    by_ids = complete(client, model="math", prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids["choices"][0]["text"] == out["choices"][0]["text"]
+    batch = complete(client, model="math", prompt=[ids, ids], max_tokens=8, temperature=0)
+    assert [c["text"] for c in batch["choices"]] == [out["choices"][0]["text"]] * 2
+
+
+def test_logprobs_report_the_chosen_token_and_its_most_likely_alternatives(client: TestClient) -> None:
+    out = complete(client, model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
+    choice = out["choices"][0]
+    logprobs = choice["logprobs"]
+    n = out["usage"]["completion_tokens"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == n
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    for token, chosen, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"],
+                                  strict=True):
+        assert 1 <= len(top) <= 3 and chosen <= 0
+        assert math.isclose(max(top.values()), chosen, abs_tol=1e-5)  # greedy picks the most likely token
+        assert token in top
+    assert math.fsum(math.exp(v) for v in logprobs["top_logprobs"][0].values()) <= 1 + 1e-5
+    plain = complete(client, model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=0)
+    assert plain["choices"][0]["logprobs"]["top_logprobs"] is None
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(client: TestClient) -> None:
+    runs = [complete(client, model="base", prompt="Sam", max_tokens=16, temperature=1.0, seed=s)["choices"][0]["text"]
+            for s in (5, 5, 6, 7)]
+    assert runs[0] == runs[1] and len(set(runs)) >= 2
+    top_k = complete(client, model="base", prompt="Sam", max_tokens=16, temperature=0.8, top_k=5, seed=5)
+    assert top_k["choices"][0]["text"] == complete(client, model="base", prompt="Sam", max_tokens=16,
+                                                   temperature=0.8, top_k=5, seed=5)["choices"][0]["text"]
+
+
+def stream_chunks(client: TestClient, **body: Any) -> list[Any]:
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        frames = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    assert frames[-1] == "[DONE]"
+    return [json.loads(f) for f in frames[:-1]]
+
+
+def test_streaming_chunks_add_up_to_the_completion(client: TestClient) -> None:
+    whole = complete(client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0)
+    chunks = stream_chunks(client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0, logprobs=1,
+                           stream_options={"include_usage": True})
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "text_completion" for c in chunks)
+    *token_chunks, usage = chunks
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    for index, choice in enumerate(whole["choices"]):
+        mine = [c["choices"][0] for c in token_chunks if c["choices"][0]["index"] == index]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine][-1] == choice["finish_reason"]
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+        assert all(len(c["logprobs"]["tokens"]) == 1 for c in mine)
+    no_usage = stream_chunks(client, model="base", prompt="Sam", max_tokens=3, temperature=0)
+    assert all("usage" not in c for c in no_usage)
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ({"n": 2}, "n must be 1"),
+    ({"echo": True}, "echo"),
+    ({"best_of": 3}, "best_of"),
+    ({"logit_bias": {"50": 1.0}}, "logit_bias"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logprobs": 9}, "logprobs"),
+    ({"temperature": 3}, "temperature"),
+    ({"max_tokens": 10_000}, "max_new_tokens must be between 1 and 64"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"stop": ""}, "stop"),
+    ({"frobnicate": 1}, "frobnicate"),
+    ({"top_k": 5, "top_p": 0.5, "temperature": 1}, "not both"),
+    ({"prompt": [10**9]}, "token ids"),
+])
+def test_bad_requests_get_a_422_in_openai_shape(client: TestClient, body: dict[str, Any], fragment: str) -> None:
+    r = client.post("/v1/completions", json={"model": "base", "prompt": "Sam", **body})
+    error = assert_openai_error(r, 422, fragment)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_models_and_routes_are_404_in_openai_shape(client: TestClient) -> None:
+    for model in ("nope", "Not A Head!", "broken"):
+        r = client.post("/v1/completions", json={"model": model, "prompt": "Sam"})
+        error = assert_openai_error(r, 404)
+        assert error["code"] == "model_not_found" and model in error["message"]
+    assert_openai_error(client.get("/v1/nothing-here"), 404)
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_openai_error(r, 422, "not valid JSON")
+    assert "detail" in client.post("/generate", json={"prompt": "x", "head": "nope"}).json()  # ours stays ours
+
+
+def test_queue_full_is_a_429_in_openai_shape(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client.app.state.runtime.engine, "max_queue", 0)  # type: ignore[attr-defined]
+    r = client.post("/v1/completions", json={"model": "base", "prompt": "Sam"})
+    error = assert_openai_error(r, 429, "queue is full")
+    assert error["type"] == "rate_limit_error" and r.headers["retry-after"]
