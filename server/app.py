@@ -125,9 +125,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def _error(request: Request, status: int, message: str, headers: dict[str, str] | None = None,
            code: str | None = None) -> JSONResponse:
     """`{"detail": ...}` everywhere, except OpenAI's `{"error": {...}}` under /v1, which its clients parse."""
-    if request.url.path.startswith("/v1/") or request.url.path == "/v1":
+    if _is_openai(request.url.path):
         return JSONResponse(openai_error_body(status, message, code), status_code=status, headers=headers)
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def _is_openai(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
 
 
 def describe_validation_errors(errors: Any) -> str:
@@ -172,7 +176,10 @@ class ObservabilityMiddleware:
             if started:
                 raise
             status = 500
-            await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send)
+            path = str(scope.get("path", ""))
+            body = openai_error_body(500, "internal server error") if _is_openai(path) else {
+                "detail": "internal server error"}
+            await JSONResponse(body, status_code=500)(scope, receive, send)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

@@ -164,9 +164,12 @@ def test_unexpected_errors_are_a_plain_500(make_client: Callable[..., TestClient
     original, runtime.engine.model.step = runtime.engine.model.step, broken
     try:
         r = generate(client)
+        v1 = client.post("/v1/completions", json={"model": "base", "prompt": "Sam", "max_tokens": 2})
     finally:
         runtime.engine.model.step = original
     assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+    assert v1.status_code == 500 and v1.json()["error"]["message"] == "internal server error"
+    assert "secret" not in v1.text
     assert generate(client).status_code == 200  # the worker survived
     values = metric_values(client)
     key = ("headserve_requests_total", frozenset({("route", "/generate"), ("head", "base"), ("status", "500")}))
