@@ -31,7 +31,7 @@ from torch import Tensor
 from heads.base import Base
 from heads.sampling import SamplingParams, make_generator, sample, scaled_logits
 from server.errors import NotReadyError, QueueFullError
-from server.factored import FactoredHead
+from server.head_logits import group_logits
 from server.metrics import Metrics
 from server.ragged import Prefill, RaggedGPT2
 from server.schemas import COMPARE_ALL
@@ -257,7 +257,8 @@ class Engine:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_heads.observe(len(groups))
         now = time.perf_counter()
-        for rows, logits in self._group_logits(hidden, batch, list(groups.values())):
+        heads = [seq.head for seq in batch]
+        for rows, logits in group_logits(self.base, hidden, heads, list(groups.values())):
             greedy = [i for i, row in enumerate(rows) if batch[row].params.strategy == "greedy"]
             if greedy:  # one argmax for all greedy rows: row-wise, so the same as one row at a time
                 ids, logprobs = sample(logits[greedy] if len(greedy) < len(rows) else logits, SamplingParams())
@@ -287,53 +288,6 @@ class Engine:
                 progress(running.sequences)
             except Exception:
                 log.exception("a stream's progress callback failed")
-
-    def _group_logits(self, hidden: Tensor, batch: list[Sequence],
-                      groups: list[list[int]]) -> list[tuple[list[int], Tensor]]:
-        """(rows, (n, V) float32 logits) per head group.
-
-        The base's LM head runs once for the whole step, over the hidden states of every row that
-        needs the base's logits (its own rows, residual heads) stacked with the projections of every
-        factored head's rows: one shared V x D product however many heads are in the batch.
-        """
-        device = hidden.device
-
-        def pick(rows: list[int]) -> Tensor:
-            return hidden if len(rows) == len(batch) else hidden[torch.tensor(rows, device=device)]
-
-        z_rows = [row for row, seq in enumerate(batch) if _needs_base_logits(seq.head)]
-        stacked = [pick(z_rows)] if z_rows else []
-        offsets: dict[int, int] = {}  # group index -> first stacked row of its projections
-        start = len(z_rows)
-        for g, rows in enumerate(groups):
-            head = batch[rows[0]].head
-            if isinstance(head, FactoredHead):
-                stacked.append(head.project(pick(rows)).to(hidden.dtype))
-                offsets[g], start = start, start + len(rows)
-        shared = self.base.linear_logits(torch.cat(stacked)) if stacked else None  # (z rows + projections, V)
-        position = {row: i for i, row in enumerate(z_rows)}
-
-        def base_logits(rows: list[int]) -> Tensor:
-            assert shared is not None
-            picked = [position[row] for row in rows]
-            if picked == list(range(len(picked))) and len(picked) == len(z_rows):
-                return shared[: len(picked)]
-            return shared[torch.tensor(picked, device=device)]
-
-        out = []
-        for g, rows in enumerate(groups):
-            head = batch[rows[0]].head
-            if head is None:
-                logits = base_logits(rows)
-            elif isinstance(head, FactoredHead):
-                projected = shared[offsets[g]: offsets[g] + len(rows)]  # type: ignore[index]
-                logits = head.combine(projected, base_logits(rows) if head.accepts_base_logits else None)
-            elif getattr(head, "accepts_base_logits", False):
-                logits = head.decode(pick(rows), base_logits=base_logits(rows))
-            else:
-                logits = head.decode(pick(rows))
-            out.append((rows, logits.float()))
-        return out
 
     def _retire_finished(self) -> None:
         """Free the slots of finished sequences and settle the jobs that have no sequence left."""
@@ -394,11 +348,6 @@ class Engine:
             self.metrics.inter_token_latency.labels(head=label).observe(later - earlier)
         for seq in [main, *result.comparisons]:
             self.metrics.generated_tokens.labels(head=seq.head_label, decoder=seq.decoder).inc(len(seq.token_ids))
-
-
-def _needs_base_logits(head: object) -> bool:
-    """The base's own rows and residual (or "probs") heads use the base's logits of their rows."""
-    return head is None or bool(getattr(head, "accepts_base_logits", False))
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[JobResult], result: JobResult | None,

@@ -4,44 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
-from heads.base import Base, load_base
-from server.app import create_app
-from server.settings import Settings
+from heads.base import Base
 
-TEMPLATE = "Problem: {problem}\nSolution:"
 PROMPT = "Problem: Ava has 3 apples\nSolution:"
 
 
 @pytest.fixture(scope="module")
-def base(lively_base_dir: Path) -> Base:
-    return load_base(str(lively_base_dir))
+def base(lively_base: Base) -> Base:
+    return lively_base
 
 
 @pytest.fixture(scope="module")
-def client(lively_base_dir: Path, base: Base, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    heads_dir = tmp_path_factory.mktemp("registry")
-    torch.manual_seed(0)
-    head = BackwardAttentionHead(BackwardAttentionConfig(latent_dim=16), vocab_size=base.vocab_size,
-                                 n_embd=base.n_embd)
-    save_head(head, heads_dir / "math", base.info(), task="math", prompt_template=TEMPLATE)
-    (heads_dir / "broken").mkdir()  # a folder that is not a head: listed by /heads, never offered as a model
-    settings = Settings(base_model=str(lively_base_dir), heads_dir=heads_dir, device="cpu", max_new_tokens=64)
-    with TestClient(create_app(settings)) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        yield c
+def client(lively_client: TestClient) -> TestClient:
+    return lively_client
 
 
 def complete(client: TestClient, **body: Any) -> dict[str, Any]:
@@ -191,3 +171,26 @@ def test_queue_full_is_a_429_in_openai_shape(client: TestClient, monkeypatch: py
     r = client.post("/v1/completions", json={"model": "base", "prompt": "Sam"})
     error = assert_openai_error(r, 429, "queue is full")
     assert error["type"] == "rate_limit_error" and r.headers["retry-after"]
+
+
+def test_an_engine_failure_mid_stream_arrives_as_an_openai_error_event(client: TestClient,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = client.app.state.runtime.engine.model  # type: ignore[attr-defined]
+    real, calls = model.step, []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom /secret/path")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "step", failing)
+    with client.stream("POST", "/v1/completions", json={"model": "base", "prompt": "Sam", "max_tokens": 10,
+                                                        "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200
+        frames = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    assert frames[-1] == "[DONE]"
+    *chunks, error = [json.loads(f) for f in frames[:-1]]
+    assert len(chunks) == 2 and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert error == {"error": {"message": "internal server error", "type": "server_error", "param": None,
+                               "code": None}}

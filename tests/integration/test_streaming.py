@@ -6,46 +6,27 @@ import asyncio
 import gc
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
-from heads.base import Base, load_base
+from heads.base import Base
 from heads.sampling import SamplingParams
-from server.app import create_app
 from server.engine import Engine
 from server.metrics import Metrics
 from server.sequence import GenerationJob, Sequence
-from server.settings import Settings
 from server.streaming import JobDone, JobStream, TextDeltas, TokenEvent, stable_text
 
-TEMPLATE = "Problem: {problem}\nSolution:"
+
+@pytest.fixture(scope="module")
+def base(lively_base: Base) -> Base:
+    return lively_base
 
 
 @pytest.fixture(scope="module")
-def base(lively_base_dir: Path) -> Base:
-    return load_base(str(lively_base_dir))
-
-
-@pytest.fixture(scope="module")
-def client(lively_base_dir: Path, base: Base, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    heads_dir = tmp_path_factory.mktemp("registry")
-    torch.manual_seed(0)
-    head = BackwardAttentionHead(BackwardAttentionConfig(latent_dim=16), vocab_size=base.vocab_size,
-                                 n_embd=base.n_embd)
-    save_head(head, heads_dir / "math", base.info(), task="math", prompt_template=TEMPLATE)
-    settings = Settings(base_model=str(lively_base_dir), heads_dir=heads_dir, device="cpu", max_new_tokens=64)
-    with TestClient(create_app(settings)) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        yield c
+def client(lively_client: TestClient) -> TestClient:
+    return lively_client
 
 
 def stream(client: TestClient, **body: Any) -> list[Any]:

@@ -1,0 +1,68 @@
+"""One engine step's next-token logits for every head in the batch, with one shared LM-head product.
+
+The base's LM head runs once for the whole step, over the hidden states of every row that needs
+the base's logits (its own rows, residual or "probs" heads) stacked with the projections of every
+factored head's rows (server/factored.py): one V x D product however many heads are in the batch.
+Each materialised head then decodes its own group once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from heads.base import Base
+from server.factored import FactoredHead
+
+Head = nn.Module | FactoredHead | None  # None: the base's own linear LM head
+
+
+def needs_base_logits(head: object) -> bool:
+    """The base's own rows and residual (or "probs") heads use the base's logits of their rows."""
+    return head is None or bool(getattr(head, "accepts_base_logits", False))
+
+
+def group_logits(base: Base, hidden: Tensor, heads: Sequence[Head],
+                 groups: list[list[int]]) -> list[tuple[list[int], Tensor]]:
+    """(rows, (n, V) float32 logits) per group; `heads[row]` is the head of each row of `hidden` (N, D),
+    and every group's rows share one head."""
+    device = hidden.device
+
+    def pick(rows: list[int]) -> Tensor:
+        return hidden if len(rows) == len(heads) else hidden[torch.tensor(rows, device=device)]
+
+    z_rows = [row for row, head in enumerate(heads) if needs_base_logits(head)]
+    stacked = [pick(z_rows)] if z_rows else []
+    offsets: dict[int, int] = {}  # group index -> first stacked row of its projections
+    start = len(z_rows)
+    for g, rows in enumerate(groups):
+        head = heads[rows[0]]
+        if isinstance(head, FactoredHead):
+            stacked.append(head.project(pick(rows)).to(hidden.dtype))
+            offsets[g], start = start, start + len(rows)
+    shared = base.linear_logits(torch.cat(stacked)) if stacked else None  # (z rows + projections, V)
+    position = {row: i for i, row in enumerate(z_rows)}
+
+    def base_logits(rows: list[int]) -> Tensor:
+        assert shared is not None
+        picked = [position[row] for row in rows]
+        if picked == list(range(len(picked))) and len(picked) == len(z_rows):
+            return shared[: len(picked)]
+        return shared[torch.tensor(picked, device=device)]
+
+    out = []
+    for g, rows in enumerate(groups):
+        head = heads[rows[0]]
+        if head is None:
+            logits = base_logits(rows)
+        elif isinstance(head, FactoredHead):
+            projected = shared[offsets[g]: offsets[g] + len(rows)]  # type: ignore[index]
+            logits = head.combine(projected, base_logits(rows) if head.accepts_base_logits else None)
+        elif getattr(head, "accepts_base_logits", False):
+            logits = head.decode(pick(rows), base_logits=base_logits(rows))
+        else:
+            logits = head.decode(pick(rows))
+        out.append((rows, logits.float()))
+    return out
