@@ -59,12 +59,31 @@ def test_generate_fills_all_three_columns_as_the_server_decodes(page: Any, serve
     page.fill("#prompt", PROMPT)
     page.fill("#max-tokens", "40")
     page.fill("#seed", "3")
+    # Record when token spans appear, to see that the columns fill while the answer is still coming.
+    page.evaluate("""() => {
+        window.tokenTimes = [];
+        new MutationObserver(records => {
+            if (records.some(r => [...r.addedNodes].some(n => n.classList && n.classList.contains('token')))) {
+                window.tokenTimes.push(performance.now());
+            }
+        })
+            .observe(document.querySelector('.columns'), {childList: true, subtree: true});
+    }""")
+    # A slow link (16 KiB/s) makes the stream arrive in pieces however fast the server decodes.
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 16 * 1024,
+                                                  "uploadThroughput": -1})
     page.click("#generate")
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')",
                            timeout=30_000)
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": -1})
     expected = httpx.post(f"{server.url}/generate", timeout=30, json={
         "prompt": PROMPT, "head": "math", "max_new_tokens": 40, "compare": True,
         "decoding": {"strategy": "greedy", "top_k": 50, "seed": 3}}).json()
+    arrivals = page.evaluate("() => [...new Set(window.tokenTimes.map(t => Math.round(t)))]")
+    assert len(arrivals) >= 3 and arrivals[-1] - arrivals[0] > 100, arrivals  # in pieces, not all at the end
     texts = {"main": expected["text"], **{c["decoder"]: c["text"] for c in expected["comparisons"]}}
     for decoder, text in texts.items():
         assert column(page, decoder, "tokens") == text, decoder  # the streamed spans spell the full answer
