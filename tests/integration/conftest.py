@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,3 +41,18 @@ def lively_client(lively_base_dir: Path, lively_base: Base,
             assert time.monotonic() < deadline, client.get("/readyz").json()
             time.sleep(0.02)
         yield client
+
+
+@pytest.fixture
+def third_step_fails(lively_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's third base forward from now on raises (with a message no client may see)."""
+    model = lively_client.app.state.runtime.engine.model  # type: ignore[attr-defined]
+    real, calls = model.step, []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom /secret/path")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "step", failing)

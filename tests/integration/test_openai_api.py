@@ -173,18 +173,8 @@ def test_queue_full_is_a_429_in_openai_shape(client: TestClient, monkeypatch: py
     assert error["type"] == "rate_limit_error" and r.headers["retry-after"]
 
 
-def test_an_engine_failure_mid_stream_arrives_as_an_openai_error_event(client: TestClient,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    model = client.app.state.runtime.engine.model  # type: ignore[attr-defined]
-    real, calls = model.step, []
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom /secret/path")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model, "step", failing)
+@pytest.mark.usefixtures("third_step_fails")
+def test_an_engine_failure_mid_stream_arrives_as_an_openai_error_event(client: TestClient) -> None:
     with client.stream("POST", "/v1/completions", json={"model": "base", "prompt": "Sam", "max_tokens": 10,
                                                         "temperature": 0, "stream": True}) as r:
         assert r.status_code == 200

@@ -79,18 +79,8 @@ def test_a_stop_string_is_never_streamed(client: TestClient) -> None:
     assert text_of(events, "main") == done["text"] == free[: free.index(stop)]
 
 
-def test_an_engine_failure_mid_stream_arrives_as_an_error_event(client: TestClient,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    model = client.app.state.runtime.engine.model  # type: ignore[attr-defined]
-    real, calls = model.step, []
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom /secret/path")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model, "step", failing)
+@pytest.mark.usefixtures("third_step_fails")
+def test_an_engine_failure_mid_stream_arrives_as_an_error_event(client: TestClient) -> None:
     events = stream(client, prompt="Sam", max_new_tokens=10, ignore_eos=True)
     assert len([e for e in events if isinstance(e, dict) and e["type"] == "token"]) == 2
     assert events[-2] == {"type": "error", "status": 500, "detail": "internal server error"}

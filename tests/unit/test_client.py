@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,59 +33,7 @@ from clients import (
     ServerError,
     UnauthorizedError,
 )
-from clients.__main__ import main
-
-GENERATED: dict[str, Any] = {
-    "text": " 12 + 7 = 19.", "tokens": 7, "finish_reason": "eos", "head": "math",
-    "prompt": "Problem: What is 12 + 7?\nSolution:",
-    "timings": {"queue_s": 0.001, "first_token_s": 0.01, "total_s": 0.2, "tokens_per_s": 35.0},
-    "logprobs": [{"token_id": 123, "token": " 1", "logprob": -0.01}],
-    "comparisons": [
-        {"decoder": "linear_greedy", "text": " 19", "tokens": 2, "finish_reason": "eos",
-         "timings": {"queue_s": 0.001, "first_token_s": 0.01, "total_s": 0.05, "tokens_per_s": 40.0}},
-        {"decoder": "linear_top_k", "text": " 20 and more", "tokens": 4, "finish_reason": "length",
-         "timings": {"queue_s": 0.001, "first_token_s": 0.01, "total_s": 0.1, "tokens_per_s": 40.0}},
-    ],
-}
-SUMMARY = {
-    "name": "math", "type": "backward_attention", "task": "math", "bytes": 1234, "resident": False,
-    "prompt_template": "Problem: {problem}\nSolution:", "base_model_name_or_path": "models/mini-gpt2",
-    "base_fingerprint": "ab" * 32, "created_at": "2024-01-01T00:00:00+00:00",
-    "config": {"latent_dim": 16, "num_heads": 2}, "training": {"final_metrics": {"loss": 1.5}},
-}
-
-
-class Recorder:
-    """A MockTransport handler that records every request and answers with a fixed response."""
-
-    def __init__(self, status: int = 200, body: Any = None, headers: dict[str, str] | None = None,
-                 content: bytes | None = None) -> None:
-        self.requests: list[httpx.Request] = []
-        self.status, self.body, self.headers, self.content = status, body, headers or {}, content
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        request.read()
-        self.requests.append(request)
-        if self.content is not None:
-            return httpx.Response(self.status, content=self.content, headers=self.headers)
-        if self.body is None:
-            return httpx.Response(self.status, headers=self.headers)
-        return httpx.Response(self.status, json=self.body, headers=self.headers)
-
-    @property
-    def last(self) -> httpx.Request:
-        return self.requests[-1]
-
-
-def make_client(recorder: Recorder, **kwargs: Any) -> HeadserveClient:
-    http = httpx.Client(transport=httpx.MockTransport(recorder), base_url="http://headserve.test")
-    return HeadserveClient(http=http, **kwargs)
-
-
-def sent_json(request: httpx.Request) -> Any:
-    assert request.headers["content-type"] == "application/json"
-    return json.loads(request.content)
-
+from tests.unit.client_fakes import GENERATED, SUMMARY, Recorder, make_client, multipart_parts, sent_json
 
 # --- generate -------------------------------------------------------------------------------------------------------
 
@@ -140,30 +86,6 @@ def test_unknown_response_fields_are_ignored() -> None:
 
 
 # --- heads ----------------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def head_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "my-head"
-    folder.mkdir()
-    (folder / "head_config.json").write_bytes(b'{"head_type": "backward_attention"}')
-    (folder / "head.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      \x00\xff")
-    return folder
-
-
-def multipart_parts(request: httpx.Request) -> dict[str, tuple[str | None, str | None, bytes]]:
-    """name -> (filename, content type, bytes) of a multipart/form-data body."""
-    content_type = request.headers["content-type"]
-    assert content_type.startswith("multipart/form-data; boundary=")
-    boundary = content_type.split("boundary=", 1)[1].encode()
-    parts: dict[str, tuple[str | None, str | None, bytes]] = {}
-    for chunk in request.content.split(b"--" + boundary)[1:-1]:
-        head, _, body = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
-        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
-        disposition = dict(p.strip().split("=", 1) for p in headers["Content-Disposition"].split(";")[1:])
-        filename = disposition.get("filename", "").strip('"') or None
-        parts[disposition["name"].strip('"')] = (filename, headers.get("Content-Type"), body.removesuffix(b"\r\n"))
-    return parts
-
 
 def test_register_head_sends_multipart(head_folder: Path) -> None:
     rec = Recorder(status=201, body=SUMMARY)
@@ -358,85 +280,6 @@ def test_async_client_builds_the_same_requests(head_folder: Path) -> None:
         await http.aclose()
 
     asyncio.run(scenario())
-
-
-# --- CLI (against a mock server; the real one is driven in tests/e2e) ------------------------------------------------
-
-@pytest.fixture
-def cli_transport(monkeypatch: pytest.MonkeyPatch) -> Callable[[Recorder], None]:
-    """Route the CLI's own httpx.Client through a recorder."""
-    def install(rec: Recorder) -> None:
-        real = httpx.Client
-
-        def fake_client(**kwargs: Any) -> httpx.Client:
-            return real(transport=httpx.MockTransport(rec), **kwargs)
-
-        monkeypatch.setattr("clients.client.httpx.Client", fake_client)
-    return install
-
-
-def test_cli_generate_compare(cli_transport: Callable[[Recorder], None], capsys: pytest.CaptureFixture[str]) -> None:
-    rec = Recorder(body=GENERATED)
-    cli_transport(rec)
-    assert main(["generate", "--head", "math", "What is 12 + 7?", "--compare", "--seed", "4",
-                 "--url", "http://cli.test:1234"]) == 0
-    assert str(rec.last.url) == "http://cli.test:1234/generate"
-    assert sent_json(rec.last) == {"prompt": "What is 12 + 7?", "head": "math", "decoding": {"seed": 4},
-                                   "compare": True}
-    out = capsys.readouterr().out
-    for piece in ("head: math", "linear_greedy", "linear_top_k", "eos, 7 tokens", "length, 4 tokens", "19.",
-                  "20 and more", "total 0.200 s"):
-        assert piece in out
-
-
-def test_cli_generate_json_and_plain(cli_transport: Callable[[Recorder], None],
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    cli_transport(Recorder(body=GENERATED))
-    assert main(["generate", "p", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == GENERATED
-    assert main(["generate", "p"]) == 0
-    assert capsys.readouterr().out == " 12 + 7 = 19.\n"
-
-
-def test_cli_heads_register_delete(cli_transport: Callable[[Recorder], None], head_folder: Path,
-                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HEADSERVE_ADMIN_TOKEN", "from-env")
-    rec = Recorder(body={"heads": [SUMMARY]})
-    cli_transport(rec)
-    assert main(["heads"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "TASK", "BYTES", "RESIDENT", "CREATED"]
-    assert lines[1].split() == ["math", "backward_attention", "math", "1234", "no", "2024-01-01T00:00:00+00:00"]
-
-    rec.status, rec.body = 201, SUMMARY
-    assert main(["register", str(head_folder), "--name", "math", "--replace"]) == 0
-    assert rec.last.headers["authorization"] == "Bearer from-env" and rec.last.url.params["replace"] == "true"
-    assert "registered math" in capsys.readouterr().out
-
-    rec.status, rec.body = 204, None
-    assert main(["--token", "flag", "delete", "math"]) == 0
-    assert rec.last.headers["authorization"] == "Bearer flag" and rec.last.method == "DELETE"
-
-
-def test_cli_errors_are_one_line(cli_transport: Callable[[Recorder], None],
-                                 capsys: pytest.CaptureFixture[str]) -> None:
-    cli_transport(Recorder(status=404, body={"detail": "unknown head 'nope'\n(see GET /heads)"}))
-    assert main(["generate", "--head", "nope", "p"]) == 1
-    err = capsys.readouterr().err
-    assert err == "error: unknown head 'nope' (see GET /heads) (HTTP 404)\n"
-    assert main(["register", "/does/not/exist"]) == 1
-    assert capsys.readouterr().err.startswith("error: /does/not/exist/head_config.json: missing")
-
-
-def test_cli_url_from_environment(cli_transport: Callable[[Recorder], None], monkeypatch: pytest.MonkeyPatch,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("HEADSERVE_URL", "http://env.test:4321")
-    monkeypatch.delenv("HEADSERVE_ADMIN_TOKEN", raising=False)
-    rec = Recorder(body={"heads": []})
-    cli_transport(rec)
-    assert main(["heads"]) == 0
-    assert str(rec.last.url) == "http://env.test:4321/heads" and "authorization" not in rec.last.headers
-    assert capsys.readouterr().out == "no heads\n"
 
 
 def test_clients_import_none_of_the_server_side_packages() -> None:
