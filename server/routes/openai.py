@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -169,7 +170,7 @@ def _top(top: list[tuple[int, float]] | None, tokenizer: object) -> dict[str, fl
     return out
 
 
-def _finish(reason: FinishReason | None) -> str | None:
+def _finish(reason: FinishReason | None) -> Literal["stop", "length"] | None:
     """Ours -> OpenAI's: the end-of-sequence token and stop strings are both "stop"."""
     if reason is None:
         return None
