@@ -56,7 +56,8 @@ def test_generate_fills_all_three_columns_as_the_server_decodes(page: Any, serve
     page.wait_for_selector('#head option[value="math"]', state="attached")
     assert page.locator("#head").input_value() == "math"
     assert "base" in page.locator("#base-info").inner_text()
-    page.fill("#prompt", PROMPT)
+    page.fill("#prompt", "")
+    page.locator("#prompt").press_sequentially(PROMPT)  # typed key by key, as a user would
     page.fill("#max-tokens", "40")
     page.fill("#seed", "3")
     # Record when token spans appear, to see that the columns fill while the answer is still coming.
