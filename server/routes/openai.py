@@ -75,23 +75,22 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
     max_tokens = check_max_new_tokens(body.max_tokens or 16, settings)
     params = _sampling(body)
     top = body.logprobs or 0
-    jobs, prompts = [], []
+    jobs = []
     for prompt in body.prompts():
         try:
-            job, text = await build_job(JobRequest(prompt=prompt, head=head, raw=True, max_new_tokens=max_tokens,
+            job, _ = await build_job(JobRequest(prompt=prompt, head=head, raw=True, max_new_tokens=max_tokens,
                                                    params=params, seed=body.seed, stop=body.stops(), top_logprobs=top),
                                         runtime, registry)
         except HeadNotFoundError:
             raise _no_such_model(body.model) from None
         jobs.append(job)
-        prompts.append(text)
     completion_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     stream = JobStream(runtime.engine, jobs, tokens=body.stream)  # 429 here, before anything is sent
     if not body.stream:
         results = await stream.results()
         choices = [_choice(i, r.main, body, runtime) for i, r in enumerate(results)]
         return Completion(id=completion_id, created=created, model=body.model, choices=choices,
-                          usage=_usage(jobs_prompt_tokens(results), results))
+                          usage=_usage(results))
     return StreamingResponse(_chunks(stream, body, runtime, completion_id, created), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
@@ -142,7 +141,7 @@ async def _chunks(stream: JobStream, body: CompletionRequest, runtime: Runtime, 
                 break
         else:
             if body.stream_options is not None and body.stream_options.include_usage:
-                yield chunk([], _usage(jobs_prompt_tokens(results), results))
+                yield chunk([], _usage(results))
         yield sse_done()
     finally:
         stream.close()  # a client that went away frees its batch slots before the next step
@@ -177,13 +176,10 @@ def _finish(reason: FinishReason | None) -> Literal["stop", "length"] | None:
     return "length" if reason == FinishReason.length else "stop"
 
 
-def jobs_prompt_tokens(results: list[JobResult]) -> int:
-    return sum(r.prompt_tokens for r in results)
-
-
-def _usage(prompt_tokens: int, results: list[JobResult]) -> Usage:
+def _usage(results: list[JobResult]) -> Usage:
+    prompt = sum(r.prompt_tokens for r in results)
     completion = sum(len(r.main.token_ids) for r in results)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _head_name(model: str) -> str:
