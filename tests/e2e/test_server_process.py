@@ -24,6 +24,7 @@ from clients import (
     HeadserveClient,
     HeadserveError,
     InvalidRequestError,
+    StreamToken,
     UnauthorizedError,
 )
 from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
@@ -255,3 +256,20 @@ def test_async_client_round_trip(server: Server, tiny_base_dir: Path, tmp_path: 
     with server.client() as client:
         sync = client.generate("5 + 6?", max_new_tokens=6)
     assert sync.text == second.text  # greedy: the concurrent request decoded exactly as a lone one
+
+
+def test_async_generate_stream(server: Server) -> None:
+    async def scenario() -> list[StreamToken | GenerateResult]:
+        async with AsyncHeadserveClient(server.url, timeout=60.0) as client:
+            with pytest.raises(HeadNotFoundError):
+                async for _ in client.generate_stream("5 + 6?", "nope"):
+                    pass
+            return [event async for event in client.generate_stream("5 + 6?", "math", max_new_tokens=6,
+                                                                     compare=["greedy"])]
+
+    *tokens, result = asyncio.run(scenario())
+    assert isinstance(result, GenerateResult) and all(isinstance(t, StreamToken) for t in tokens)
+    assert "".join(t.text for t in tokens if isinstance(t, StreamToken) and t.decoder == "main") == result.text
+    assert result.comparisons is not None
+    assert "".join(t.text for t in tokens if isinstance(t, StreamToken) and t.decoder == "linear_greedy") == \
+        result.comparisons[0].text
