@@ -14,24 +14,14 @@ from heads.base import Base
 PROMPT = "Problem: Ava has 3 apples\nSolution:"
 
 
-@pytest.fixture(scope="module")
-def base(lively_base: Base) -> Base:
-    return lively_base
-
-
-@pytest.fixture(scope="module")
-def client(lively_client: TestClient) -> TestClient:
-    return lively_client
-
-
-def complete(client: TestClient, **body: Any) -> dict[str, Any]:
-    r = client.post("/v1/completions", json=body)
+def complete(lively_client: TestClient, **body: Any) -> dict[str, Any]:
+    r = lively_client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
 
 
-def generate_raw(client: TestClient, prompt: str, head: str | None, n: int) -> dict[str, Any]:
-    r = client.post("/generate", json={"prompt": prompt, "head": head, "raw": True, "max_new_tokens": n})
+def generate_raw(lively_client: TestClient, prompt: str, head: str | None, n: int) -> dict[str, Any]:
+    r = lively_client.post("/generate", json={"prompt": prompt, "head": head, "raw": True, "max_new_tokens": n})
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
 
@@ -45,45 +35,46 @@ def assert_openai_error(r: Any, status: int, *fragments: str) -> dict[str, Any]:
     return error  # type: ignore[no-any-return]
 
 
-def test_models_list_the_base_and_every_loadable_head(client: TestClient, base: Base) -> None:
-    body = client.get("/v1/models").json()
+def test_models_list_the_base_and_every_loadable_head(lively_client: TestClient, lively_base: Base) -> None:
+    body = lively_client.get("/v1/models").json()
     assert body["object"] == "list"
     models = {m["id"]: m for m in body["data"]}
     assert set(models) == {"base", "math"}
-    assert models["base"]["parent"] is None and models["math"]["parent"] == base.name
+    assert models["base"]["parent"] is None and models["math"]["parent"] == lively_base.name
     assert all(m["object"] == "model" and isinstance(m["created"], int) for m in models.values())
-    assert client.get("/v1/models/math").json()["id"] == "math"
-    assert_openai_error(client.get("/v1/models/nope"), 404, "nope")
+    assert lively_client.get("/v1/models/math").json()["id"] == "math"
+    assert_openai_error(lively_client.get("/v1/models/nope"), 404, "nope")
 
 
 @pytest.mark.parametrize("model", ["base", "math"])
-def test_greedy_completion_equals_generate_with_a_raw_prompt(client: TestClient, base: Base, model: str) -> None:
-    out = complete(client, model=model, prompt=PROMPT, max_tokens=12, temperature=0)
-    same = generate_raw(client, PROMPT, None if model == "base" else model, 12)
+def test_greedy_completion_equals_generate_with_a_raw_prompt(lively_client: TestClient, lively_base: Base,
+                                                             model: str) -> None:
+    out = complete(lively_client, model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    same = generate_raw(lively_client, PROMPT, None if model == "base" else model, 12)
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == model
     (choice,) = out["choices"]
     assert choice["index"] == 0 and choice["text"] == same["text"] and choice["logprobs"] is None
     assert choice["finish_reason"] == ("length" if same["finish_reason"] == "length" else "stop")
-    prompt_tokens = len(base.tokenizer(PROMPT)["input_ids"])
+    prompt_tokens = len(lively_base.tokenizer(PROMPT)["input_ids"])
     assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": same["tokens"],
                             "total_tokens": prompt_tokens + same["tokens"]}
 
 
-def test_a_list_of_prompts_gives_one_choice_each_in_order(client: TestClient, base: Base) -> None:
+def test_a_list_of_prompts_gives_one_choice_each_in_order(lively_client: TestClient, lively_base: Base) -> None:
     prompts = ["Sam", PROMPT, "Ben buys 12"]
-    out = complete(client, model="math", prompt=prompts, max_tokens=8, temperature=0)
+    out = complete(lively_client, model="math", prompt=prompts, max_tokens=8, temperature=0)
     assert [c["index"] for c in out["choices"]] == [0, 1, 2]
     for prompt, choice in zip(prompts, out["choices"], strict=True):
-        assert choice["text"] == generate_raw(client, prompt, "math", 8)["text"]
-    ids = base.tokenizer("Sam")["input_ids"]
-    by_ids = complete(client, model="math", prompt=ids, max_tokens=8, temperature=0)
+        assert choice["text"] == generate_raw(lively_client, prompt, "math", 8)["text"]
+    ids = lively_base.tokenizer("Sam")["input_ids"]
+    by_ids = complete(lively_client, model="math", prompt=ids, max_tokens=8, temperature=0)
     assert by_ids["choices"][0]["text"] == out["choices"][0]["text"]
-    batch = complete(client, model="math", prompt=[ids, ids], max_tokens=8, temperature=0)
+    batch = complete(lively_client, model="math", prompt=[ids, ids], max_tokens=8, temperature=0)
     assert [c["text"] for c in batch["choices"]] == [out["choices"][0]["text"]] * 2
 
 
-def test_logprobs_report_the_chosen_token_and_its_most_likely_alternatives(client: TestClient) -> None:
-    out = complete(client, model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
+def test_logprobs_report_the_chosen_token_and_its_most_likely_alternatives(lively_client: TestClient) -> None:
+    out = complete(lively_client, model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
     choice = out["choices"][0]
     logprobs = choice["logprobs"]
     n = out["usage"]["completion_tokens"]
@@ -95,31 +86,32 @@ def test_logprobs_report_the_chosen_token_and_its_most_likely_alternatives(clien
         assert math.isclose(max(top.values()), chosen, abs_tol=1e-5)  # greedy picks the most likely token
         assert token in top
     assert math.fsum(math.exp(v) for v in logprobs["top_logprobs"][0].values()) <= 1 + 1e-5
-    plain = complete(client, model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=0)
+    plain = complete(lively_client, model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=0)
     assert plain["choices"][0]["logprobs"]["top_logprobs"] is None
 
 
-def test_seeded_sampling_repeats_and_seeds_differ(client: TestClient) -> None:
-    runs = [complete(client, model="base", prompt="Sam", max_tokens=16, temperature=1.0, seed=s)["choices"][0]["text"]
+def test_seeded_sampling_repeats_and_seeds_differ(lively_client: TestClient) -> None:
+    runs = [complete(lively_client, model="base", prompt="Sam", max_tokens=16, temperature=1.0,
+                     seed=s)["choices"][0]["text"]
             for s in (5, 5, 6, 7)]
     assert runs[0] == runs[1] and len(set(runs)) >= 2
-    top_k = complete(client, model="base", prompt="Sam", max_tokens=16, temperature=0.8, top_k=5, seed=5)
-    assert top_k["choices"][0]["text"] == complete(client, model="base", prompt="Sam", max_tokens=16,
+    top_k = complete(lively_client, model="base", prompt="Sam", max_tokens=16, temperature=0.8, top_k=5, seed=5)
+    assert top_k["choices"][0]["text"] == complete(lively_client, model="base", prompt="Sam", max_tokens=16,
                                                    temperature=0.8, top_k=5, seed=5)["choices"][0]["text"]
 
 
-def stream_chunks(client: TestClient, **body: Any) -> list[Any]:
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+def stream_chunks(lively_client: TestClient, **body: Any) -> list[Any]:
+    with lively_client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200, r.read()
         frames = [line.removeprefix("data: ") for line in r.iter_lines() if line]
     assert frames[-1] == "[DONE]"
     return [json.loads(f) for f in frames[:-1]]
 
 
-def test_streaming_chunks_add_up_to_the_completion(client: TestClient) -> None:
-    whole = complete(client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0)
-    chunks = stream_chunks(client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0, logprobs=1,
-                           stream_options={"include_usage": True})
+def test_streaming_chunks_add_up_to_the_completion(lively_client: TestClient) -> None:
+    whole = complete(lively_client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0)
+    chunks = stream_chunks(lively_client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0,
+                           logprobs=1, stream_options={"include_usage": True})
     assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "text_completion" for c in chunks)
     *token_chunks, usage = chunks
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
@@ -129,7 +121,7 @@ def test_streaming_chunks_add_up_to_the_completion(client: TestClient) -> None:
         assert [c["finish_reason"] for c in mine][-1] == choice["finish_reason"]
         assert all(c["finish_reason"] is None for c in mine[:-1])
         assert all(len(c["logprobs"]["tokens"]) == 1 for c in mine)
-    no_usage = stream_chunks(client, model="base", prompt="Sam", max_tokens=3, temperature=0)
+    no_usage = stream_chunks(lively_client, model="base", prompt="Sam", max_tokens=3, temperature=0)
     assert all("usage" not in c for c in no_usage)
 
 
@@ -149,33 +141,33 @@ def test_streaming_chunks_add_up_to_the_completion(client: TestClient) -> None:
     ({"top_k": 5, "top_p": 0.5, "temperature": 1}, "not both"),
     ({"prompt": [10**9]}, "token ids"),
 ])
-def test_bad_requests_get_a_422_in_openai_shape(client: TestClient, body: dict[str, Any], fragment: str) -> None:
-    r = client.post("/v1/completions", json={"model": "base", "prompt": "Sam", **body})
+def test_bad_requests_get_a_422_in_openai_shape(lively_client: TestClient, body: dict[str, Any], fragment: str) -> None:
+    r = lively_client.post("/v1/completions", json={"model": "base", "prompt": "Sam", **body})
     error = assert_openai_error(r, 422, fragment)
     assert error["type"] == "invalid_request_error"
 
 
-def test_unknown_models_and_routes_are_404_in_openai_shape(client: TestClient) -> None:
+def test_unknown_models_and_routes_are_404_in_openai_shape(lively_client: TestClient) -> None:
     for model in ("nope", "Not A Head!", "broken"):
-        r = client.post("/v1/completions", json={"model": model, "prompt": "Sam"})
+        r = lively_client.post("/v1/completions", json={"model": model, "prompt": "Sam"})
         error = assert_openai_error(r, 404)
         assert error["code"] == "model_not_found" and model in error["message"]
-    assert_openai_error(client.get("/v1/nothing-here"), 404)
-    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_openai_error(lively_client.get("/v1/nothing-here"), 404)
+    r = lively_client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_openai_error(r, 422, "not valid JSON")
-    assert "detail" in client.post("/generate", json={"prompt": "x", "head": "nope"}).json()  # ours stays ours
+    assert "detail" in lively_client.post("/generate", json={"prompt": "x", "head": "nope"}).json()  # ours stays ours
 
 
-def test_queue_full_is_a_429_in_openai_shape(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client.app.state.runtime.engine, "max_queue", 0)  # type: ignore[attr-defined]
-    r = client.post("/v1/completions", json={"model": "base", "prompt": "Sam"})
+def test_queue_full_is_a_429_in_openai_shape(lively_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lively_client.app.state.runtime.engine, "max_queue", 0)  # type: ignore[attr-defined]
+    r = lively_client.post("/v1/completions", json={"model": "base", "prompt": "Sam"})
     error = assert_openai_error(r, 429, "queue is full")
     assert error["type"] == "rate_limit_error" and r.headers["retry-after"]
 
 
 @pytest.mark.usefixtures("third_step_fails")
-def test_an_engine_failure_mid_stream_arrives_as_an_openai_error_event(client: TestClient) -> None:
-    with client.stream("POST", "/v1/completions", json={"model": "base", "prompt": "Sam", "max_tokens": 10,
+def test_an_engine_failure_mid_stream_arrives_as_an_openai_error_event(lively_client: TestClient) -> None:
+    with lively_client.stream("POST", "/v1/completions", json={"model": "base", "prompt": "Sam", "max_tokens": 10,
                                                         "temperature": 0, "stream": True}) as r:
         assert r.status_code == 200
         frames = [line.removeprefix("data: ") for line in r.iter_lines() if line]

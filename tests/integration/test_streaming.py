@@ -19,19 +19,9 @@ from server.sequence import GenerationJob, Sequence
 from server.streaming import JobDone, JobStream, TextDeltas, TokenEvent, stable_text
 
 
-@pytest.fixture(scope="module")
-def base(lively_base: Base) -> Base:
-    return lively_base
-
-
-@pytest.fixture(scope="module")
-def client(lively_client: TestClient) -> TestClient:
-    return lively_client
-
-
-def stream(client: TestClient, **body: Any) -> list[Any]:
+def stream(lively_client: TestClient, **body: Any) -> list[Any]:
     """The payloads of a /generate stream, in order; the literal [DONE] is kept as a string."""
-    with client.stream("POST", "/generate", json={**body, "stream": True}) as r:
+    with lively_client.stream("POST", "/generate", json={**body, "stream": True}) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         frames = [line.removeprefix("data: ") for line in r.iter_lines() if line]
@@ -49,11 +39,11 @@ def test_stable_text_holds_back_partial_characters_and_possible_stop_strings() -
     assert stable_text("xab", ("abc", "b")) == "x"  # the longest possible start of any stop string
 
 
-def test_stream_events_add_up_to_the_non_streaming_answer(client: TestClient) -> None:
+def test_stream_events_add_up_to_the_non_streaming_answer(lively_client: TestClient) -> None:
     body = {"prompt": "Ava has 3 apples", "head": "math", "max_new_tokens": 20, "compare": True,
             "decoding": {"strategy": "top_k", "seed": 7}}
-    whole = client.post("/generate", json=body).json()
-    events = stream(client, **body)
+    whole = lively_client.post("/generate", json=body).json()
+    events = stream(lively_client, **body)
     assert events[-1] == "[DONE]" and events[-2]["type"] == "done"
     done = events[-2]["response"]
     assert done["text"] == whole["text"] and done["tokens"] == whole["tokens"]
@@ -69,32 +59,34 @@ def test_stream_events_add_up_to_the_non_streaming_answer(client: TestClient) ->
     assert all(e["logprob"] <= 0 for e in tokens)
 
 
-def test_a_stop_string_is_never_streamed(client: TestClient) -> None:
-    free = client.post("/generate", json={"prompt": "Ben buys 12", "max_new_tokens": 30, "raw": True}).json()["text"]
+def test_a_stop_string_is_never_streamed(lively_client: TestClient) -> None:
+    body = {"prompt": "Ben buys 12", "max_new_tokens": 30, "raw": True}
+    free = lively_client.post("/generate", json=body).json()["text"]
     stop = free[len(free) // 2: len(free) // 2 + 3]
     assert len(stop) == 3, free
-    events = stream(client, prompt="Ben buys 12", max_new_tokens=30, raw=True, stop=[stop])
+    events = stream(lively_client, prompt="Ben buys 12", max_new_tokens=30, raw=True, stop=[stop])
     done = events[-2]["response"]
     assert done["finish_reason"] == "stop" and stop not in done["text"]
     assert text_of(events, "main") == done["text"] == free[: free.index(stop)]
 
 
 @pytest.mark.usefixtures("third_step_fails")
-def test_an_engine_failure_mid_stream_arrives_as_an_error_event(client: TestClient) -> None:
-    events = stream(client, prompt="Sam", max_new_tokens=10, ignore_eos=True)
+def test_an_engine_failure_mid_stream_arrives_as_an_error_event(lively_client: TestClient) -> None:
+    events = stream(lively_client, prompt="Sam", max_new_tokens=10, ignore_eos=True)
     assert len([e for e in events if isinstance(e, dict) and e["type"] == "token"]) == 2
     assert events[-2] == {"type": "error", "status": 500, "detail": "internal server error"}
     assert events[-1] == "[DONE]"
 
 
-def test_queue_full_is_a_429_before_the_stream_starts(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client.app.state.runtime.engine, "max_queue", 0)  # type: ignore[attr-defined]
-    r = client.post("/generate", json={"prompt": "Sam", "stream": True})
+def test_queue_full_is_a_429_before_the_stream_starts(lively_client: TestClient,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lively_client.app.state.runtime.engine, "max_queue", 0)  # type: ignore[attr-defined]
+    r = lively_client.post("/generate", json={"prompt": "Sam", "stream": True})
     assert r.status_code == 429 and "queue is full" in r.json()["detail"] and r.headers["retry-after"]
 
 
-def test_text_deltas_emit_one_event_per_token_with_the_text_it_settles(base: Base) -> None:
-    tokenizer = base.tokenizer
+def test_text_deltas_emit_one_event_per_token_with_the_text_it_settles(lively_base: Base) -> None:
+    tokenizer = lively_base.tokenizer
     ids = tokenizer("Ava has 3 apples and 4 pears")["input_ids"]
     seq = Sequence(decoder="greedy", head_label="base", head=None, params=SamplingParams(), generator=None,
                    max_new_tokens=len(ids), stop=("pea",))
@@ -109,8 +101,8 @@ def test_text_deltas_emit_one_event_per_token_with_the_text_it_settles(base: Bas
     assert events[-1].finish_reason is not None and all(e.finish_reason is None for e in events[:-1])
 
 
-def _engine_with_step_counter(base: Base) -> tuple[Engine, list[float]]:
-    engine = Engine(base, Metrics(), max_queue=8, max_batch_size=8, max_batch_tokens=4096)
+def _engine_with_step_counter(lively_base: Base) -> tuple[Engine, list[float]]:
+    engine = Engine(lively_base, Metrics(), max_queue=8, max_batch_size=8, max_batch_tokens=4096)
     real, calls = engine.model.step, []
 
     def counted(*args: Any, **kwargs: Any) -> Any:
@@ -123,10 +115,10 @@ def _engine_with_step_counter(base: Base) -> tuple[Engine, list[float]]:
 
 
 @pytest.mark.parametrize("how", ["close", "drop"])
-def test_an_abandoned_stream_frees_its_slot_within_one_step(base: Base, how: str) -> None:
-    engine, calls = _engine_with_step_counter(base)
+def test_an_abandoned_stream_frees_its_slot_within_one_step(lively_base: Base, how: str) -> None:
+    engine, calls = _engine_with_step_counter(lively_base)
     engine.start()
-    job = GenerationJob(prompt_ids=base.tokenizer("Sam")["input_ids"], head=None, head_label="base",
+    job = GenerationJob(prompt_ids=lively_base.tokenizer("Sam")["input_ids"], head=None, head_label="base",
                         params=SamplingParams(), seed=0, max_new_tokens=200, ignore_eos=True, compare=("greedy",))
 
     async def run() -> tuple[int, int]:
@@ -155,10 +147,10 @@ def test_an_abandoned_stream_frees_its_slot_within_one_step(base: Base, how: str
         engine.stop()
 
 
-def test_several_jobs_share_one_stream_and_each_ends_once(base: Base) -> None:
-    engine = Engine(base, Metrics(), max_queue=8, max_batch_size=8, max_batch_tokens=4096)
+def test_several_jobs_share_one_stream_and_each_ends_once(lively_base: Base) -> None:
+    engine = Engine(lively_base, Metrics(), max_queue=8, max_batch_size=8, max_batch_tokens=4096)
     engine.start()
-    prompts = [base.tokenizer(t)["input_ids"] for t in ("Sam", "Ava has 3 apples")]
+    prompts = [lively_base.tokenizer(t)["input_ids"] for t in ("Sam", "Ava has 3 apples")]
     jobs = [GenerationJob(prompt_ids=p, head=None, head_label="base", params=SamplingParams(), seed=0,
                           max_new_tokens=n) for p, n in zip(prompts, (5, 9), strict=True)]
 
