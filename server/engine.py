@@ -1,7 +1,8 @@
 """The generation engine: continuous batching of every request, head and comparison over one base.
 
 One worker thread owns the model; request handlers validate, prepare the head, enqueue a
-`GenerationJob` and await a future the worker resolves. Each engine step is one forward pass of
+`GenerationJob` and wait for the events the worker posts back (`server.streaming.JobStream`: the
+finished result, and every step's new tokens for a streaming request). Each engine step is one forward pass of
 the base (`RaggedGPT2.step`) over all active sequences: the prompts of newly admitted jobs and
 one token for every sequence already decoding. The step's final hidden states are split by head
 and each head's `decode` runs once for its group; then every sequence draws its own token with
@@ -16,7 +17,6 @@ overtakes it. A job too big for an empty batch still runs alone rather than neve
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
@@ -84,18 +84,7 @@ class Engine:
         self._owner: dict[int, Running] = {}  # id(sequence) -> its job
         self._thread = threading.Thread(target=self._work, name="headserve-engine", daemon=True)
 
-    # -- called from the event loop -------------------------------------------------------------
-    async def generate(self, job: GenerationJob) -> JobResult:
-        """Enqueue and wait; raises QueueFullError at once when MAX_QUEUE requests are already waiting."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[JobResult] = loop.create_future()
-
-        def settle(result: JobResult | None, error: BaseException | None) -> None:
-            _resolve(loop, future, result, error)
-
-        self.submit(Pending(job, settle, future.done))
-        return await future
-
+    # -- called from the event loop (server.streaming.JobStream submits and waits) -------------
     def submit(self, pending: Pending) -> None:
         with self._cond:
             if self._stopping:
@@ -348,20 +337,3 @@ class Engine:
             self.metrics.inter_token_latency.labels(head=label).observe(later - earlier)
         for seq in [main, *result.comparisons]:
             self.metrics.generated_tokens.labels(head=seq.head_label, decoder=seq.decoder).inc(len(seq.token_ids))
-
-
-def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[JobResult], result: JobResult | None,
-             error: BaseException | None) -> None:
-    """Hand a result to the awaiting handler from the worker thread (ignored if it stopped waiting)."""
-    def settle() -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the event loop is already closed: nobody is waiting any more
-        pass

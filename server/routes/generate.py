@@ -43,10 +43,10 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep,
         params=SamplingParams(strategy=d.strategy, top_k=d.top_k, top_p=d.top_p, temperature=d.temperature),
         seed=d.seed, stop=tuple(body.stop or ()), compare=tuple(body.comparisons()), ignore_eos=body.ignore_eos),
         runtime, registry)
+    stream = JobStream(runtime.engine, [job], tokens=body.stream)  # 429 here, before any byte is sent
     if not body.stream:
-        result = await runtime.engine.generate(job)
+        (result,) = await stream.results()
         return _response(body, prompt, result, runtime)
-    stream = JobStream(runtime.engine, [job])  # 429 here, before any byte of the stream is sent
     return StreamingResponse(_events(stream, body, prompt, runtime), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
@@ -70,8 +70,10 @@ async def _events(stream: JobStream, body: GenerateRequest, prompt: str, runtime
         stream.close()  # the client went away (or we are done): free the batch slots before the next step
 
 
-def _timings(seq: Sequence, result: JobResult) -> Timings:
-    finished = seq.token_times[-1] if seq.token_times else result.finished_at
+def _timings(seq: Sequence, result: JobResult, finished: float | None = None) -> Timings:
+    """A sequence's timings; it finished at its last token unless `finished` says otherwise (the whole job)."""
+    if finished is None:
+        finished = seq.token_times[-1] if seq.token_times else result.finished_at
     first = seq.token_times[0] if seq.token_times else result.finished_at
     worked = max(finished - result.started_at, 1e-9)
     return Timings(queue_s=result.started_at - result.accepted_at, first_token_s=first - result.accepted_at,
@@ -80,10 +82,7 @@ def _timings(seq: Sequence, result: JobResult) -> Timings:
 
 def _response(body: GenerateRequest, prompt: str, result: JobResult, runtime: Runtime) -> GenerateResponse:
     main = result.main
-    worked = max(result.finished_at - result.started_at, 1e-9)
-    first = main.token_times[0] if main.token_times else result.finished_at
-    timings = Timings(queue_s=result.started_at - result.accepted_at, first_token_s=first - result.accepted_at,
-                      total_s=result.finished_at - result.accepted_at, tokens_per_s=len(main.token_ids) / worked)
+    timings = _timings(main, result, finished=result.finished_at)
     logprobs = None
     if body.return_logprobs:
         tokenizer = runtime.base.tokenizer

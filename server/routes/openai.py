@@ -23,6 +23,7 @@ from server.errors import HeadNotFoundError, InvalidRequestError, public_detail,
 from server.jobs import JobRequest, build_job, check_max_new_tokens
 from server.metrics import BASE_LABEL
 from server.openai_schemas import (
+    DEFAULT_MAX_TOKENS,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -72,7 +73,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
                       settings: SettingsDep) -> Completion | StreamingResponse:
     head = None if body.model == BASE_MODEL_ID else _head_name(body.model)
     set_head_label(request, head or BASE_LABEL)
-    max_tokens = check_max_new_tokens(body.max_tokens or 16, settings)
+    max_tokens = check_max_new_tokens(body.max_tokens or DEFAULT_MAX_TOKENS, settings)
     params = _sampling(body)
     top = body.logprobs or 0
     jobs = []
