@@ -128,7 +128,7 @@ async def _chunks(stream: JobStream, body: CompletionRequest, runtime: Runtime, 
                 logprobs = None
                 if body.logprobs is not None:
                     offset = offsets.get(event.job, 0)
-                    offsets[event.job] = offset + len(event.text)
+                    offsets[event.job] = offset + len(event.token)  # as `_choice` counts them
                     logprobs = Logprobs(tokens=[event.token], token_logprobs=[event.logprob],
                                         top_logprobs=[_top(event.top, tokenizer)] if body.logprobs else None,
                                         text_offset=[offset]).model_dump()

@@ -109,7 +109,7 @@ def stream_chunks(lively_client: TestClient, **body: Any) -> list[Any]:
 
 
 def test_streaming_chunks_add_up_to_the_completion(lively_client: TestClient) -> None:
-    whole = complete(lively_client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0)
+    whole = complete(lively_client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0, logprobs=1)
     chunks = stream_chunks(lively_client, model="math", prompt=[PROMPT, "Sam"], max_tokens=12, temperature=0,
                            logprobs=1, stream_options={"include_usage": True})
     assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "text_completion" for c in chunks)
@@ -121,6 +121,8 @@ def test_streaming_chunks_add_up_to_the_completion(lively_client: TestClient) ->
         assert [c["finish_reason"] for c in mine][-1] == choice["finish_reason"]
         assert all(c["finish_reason"] is None for c in mine[:-1])
         assert all(len(c["logprobs"]["tokens"]) == 1 for c in mine)
+        for field in ("tokens", "token_logprobs", "text_offset"):  # the same logprobs, token by token
+            assert [x for c in mine for x in c["logprobs"][field]] == choice["logprobs"][field]
     no_usage = stream_chunks(lively_client, model="base", prompt="Sam", max_tokens=3, temperature=0)
     assert all("usage" not in c for c in no_usage)
 
