@@ -32,18 +32,21 @@ class ServerProcess:
     """Context manager: start the server, wait for /readyz, and always stop it on the way out."""
 
     def __init__(self, base_dir: Path, heads_dir: Path, log_path: Path, *, env: dict[str, str],
-                 ready_timeout_s: float = 300.0) -> None:
+                 ready_timeout_s: float = 300.0, log_level: str = "warning") -> None:
+        """`env` is the server's whole HEADSERVE_* configuration: any in the caller's environment are dropped,
+        so a developer's shell settings never leak into a measurement or a test."""
         self.base_dir, self.heads_dir, self.log_path = base_dir, heads_dir, log_path
-        self.extra_env, self.ready_timeout_s = env, ready_timeout_s
+        self.extra_env, self.ready_timeout_s, self.log_level = env, ready_timeout_s, log_level
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_after_s: float | None = None
 
     def start(self) -> None:
-        env = {**os.environ, **self.extra_env}
-        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--base-model", str(self.base_dir),
-               "--heads-dir", str(self.heads_dir), "--log-level", "warning"]
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("HEADSERVE_")}
+        env = {**inherited, **self.extra_env}
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--base-model", str(self.base_dir), "--heads-dir", str(self.heads_dir), "--log-level", self.log_level]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # the child gets its own copy of the descriptor
         try:
