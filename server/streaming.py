@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from server.engine import Engine, Pending
@@ -149,7 +149,7 @@ class JobStream:
                 done[event.job] = event.result
         return [done[i] for i in sorted(done)]
 
-    def _deliver(self, events: list[StreamEvent]) -> None:
+    def _deliver(self, events: Iterable[StreamEvent]) -> None:
         for event in events:
             self._queue.put_nowait(event)
 
@@ -164,7 +164,7 @@ def _abandoned(ref: StreamRef) -> Callable[[], bool]:
     return abandoned
 
 
-def _post(loop: asyncio.AbstractEventLoop, ref: StreamRef, events: list[StreamEvent]) -> None:
+def _post(loop: asyncio.AbstractEventLoop, ref: StreamRef, events: Iterable[StreamEvent]) -> None:
     """Hand events from the worker thread to the stream's loop (dropped if the stream or loop is gone)."""
     def deliver() -> None:
         stream = ref()
@@ -182,7 +182,7 @@ def _progress(loop: asyncio.AbstractEventLoop, ref: StreamRef, deltas: TextDelta
         if ref() is not None:
             events = deltas.events(sequences)
             if events:
-                _post(loop, ref, list(events))
+                _post(loop, ref, events)
     return progress
 
 
