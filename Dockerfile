@@ -3,9 +3,13 @@
 #   CUDA:           docker build -t headserve:cuda \
 #                     --build-arg BASE_IMAGE=pytorch/pytorch:2.7.0-cuda12.6-cudnn9-runtime \
 #                     --build-arg TORCH_SPEC=preinstalled .
-#   run:            docker run -p 8000:8000 -v "$PWD/registry:/heads" headserve
+#   run:            TOKEN=$(openssl rand -hex 32)
+#                   docker run -p 8000:8000 -v "$PWD/registry:/heads" -e HEADSERVE_ADMIN_TOKEN="$TOKEN" headserve
 # Heads live in /heads (HEADSERVE_HEADS_DIR); mount a volume there so heads registered over HTTP
 # survive the container. The image ships registry/ as the default content of /heads.
+# The container listens on 0.0.0.0, so registering and deleting heads (POST/DELETE /heads) is
+# refused with 403 unless HEADSERVE_ADMIN_TOKEN is set; callers then send
+# "Authorization: Bearer <token>". Without the token the image serves read-only, which is safe.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 

@@ -104,16 +104,20 @@ class HeadSummary:
     created_at: str | None
     config: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # includes "final_metrics"
+    status: str = "ready"  # "invalid": the server cannot serve it (requests get 409); `error` says why
+    error: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HeadSummary:
+        error = data.get("error")
         return cls(
-            name=str(data["name"]), type=str(data.get("type", "")), task=str(data.get("task") or ""),
-            bytes=int(data.get("bytes", 0)), resident=bool(data.get("resident", False)),
+            name=str(data["name"]), type=str(data.get("type") or ""), task=str(data.get("task") or ""),
+            bytes=int(data.get("bytes") or 0), resident=bool(data.get("resident", False)),
             prompt_template=str(data.get("prompt_template") or ""),
             base_model_name_or_path=data.get("base_model_name_or_path"),
             base_fingerprint=data.get("base_fingerprint"), created_at=data.get("created_at"),
-            config=dict(data.get("config") or {}), training=dict(data.get("training") or {}))
+            config=dict(data.get("config") or {}), training=dict(data.get("training") or {}),
+            status=str(data.get("status") or "ready"), error=None if error is None else str(error))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from heads.registry import register_head
 
 WEIGHTINGS = ("logits", "probs")
+MAX_WIDTH_PER_EMBD = 4  # latent_dim and num_heads * head_dim may be at most this many times the base's width
 
 
 def _positive_int(value: object) -> bool:
@@ -55,8 +56,33 @@ class BackwardAttentionConfig:
             raise ValueError(f"residual must be true or false, got {self.residual!r}")
         if self.chunk_size is not None and not _positive_int(self.chunk_size):
             raise ValueError(f"chunk_size must be a positive integer or null, got {self.chunk_size!r}")
-        if not isinstance(self.eps, float) or not self.eps > 0:
+        if not isinstance(self.eps, float) or not 0 < self.eps < math.inf:
             raise ValueError(f"eps must be a positive float, got {self.eps!r}")
+
+    def widths(self, n_embd: int) -> tuple[int, int, int]:
+        """(L, d, H*d) on a base of width D: the latent width, the width per head and the attention width."""
+        latent = self.latent_dim or n_embd
+        head_dim = self.head_dim or max(1, latent // self.num_heads)
+        return latent, head_dim, self.num_heads * head_dim
+
+    def parameter_count(self, vocab_size: int, n_embd: int) -> int:
+        """Parameters this config implies on a (V, D) base; ValueError past the bounds. Arithmetic only, so a
+        config naming absurd sizes is refused before any tensor exists.
+
+        Bounds: L and H*d at most MAX_WIDTH_PER_EMBD * D. Past D they add cost, not capacity (X = RMSNorm(E) W_L
+        has rank <= D, and so has the head's correction of the LM head), and serving materialises K, (V, H*d):
+        at 4 D that is four times the base's embedding matrix, the most a head may cost.
+        """
+        latent, _, inner = self.widths(n_embd)
+        limit = MAX_WIDTH_PER_EMBD * n_embd
+        if latent > limit:
+            raise ValueError(f"latent_dim {latent} is over the bound {limit} ({MAX_WIDTH_PER_EMBD} x n_embd {n_embd})")
+        if inner > limit:
+            raise ValueError(f"num_heads x head_dim = {inner} is over the bound {limit} "
+                             f"({MAX_WIDTH_PER_EMBD} x n_embd {n_embd})")
+        projection = n_embd * latent if self.latent_dim else 0  # W_L
+        # g, W_L, W_K and W_V, W_Q, alpha
+        return n_embd + projection + 2 * latent * inner + inner * inner + int(self.residual)
 
 
 class RMSNorm(nn.Module):
@@ -78,10 +104,9 @@ class BackwardAttentionHead(nn.Module):
         config.validate()
         if vocab_size < 1 or n_embd < 1:
             raise ValueError(f"vocab_size and n_embd must be positive, got {vocab_size} and {n_embd}")
+        config.parameter_count(vocab_size, n_embd)  # a head too big to serve is refused before it is built
         self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
-        latent = config.latent_dim or n_embd
-        self.head_dim = config.head_dim or max(1, latent // config.num_heads)
-        inner = config.num_heads * self.head_dim  # H*d
+        latent, self.head_dim, inner = config.widths(n_embd)  # L, d, H*d
         self.norm = RMSNorm(n_embd, config.eps)
         self.latent = nn.Linear(n_embd, latent, bias=False) if config.latent_dim else None
         self.key = nn.Linear(latent, inner, bias=False)

@@ -18,6 +18,10 @@ class LinearConfig:
         if not isinstance(self.bias, bool):
             raise ValueError(f"bias must be true or false, got {self.bias!r}")
 
+    def parameter_count(self, vocab_size: int, n_embd: int) -> int:
+        """A (V, D) matrix and the optional (V,) bias: the LM head's own size, so no bound of its own."""
+        return vocab_size * n_embd + (vocab_size if self.bias else 0)
+
 
 class LinearHead(nn.Module):
     head_type = "linear"

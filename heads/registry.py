@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from heads.errors import UnknownHeadTypeError
+
+
+class HeadConfig(Protocol):
+    """What every head kind's config (a dataclass built from head_config.json) offers before any tensor exists."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field of the wrong type or value."""
+
+    def parameter_count(self, vocab_size: int, n_embd: int) -> int:
+        """Parameters the config implies on a (V, D) base; ValueError past the kind's size bounds."""
 
 
 @dataclass(frozen=True)

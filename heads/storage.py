@@ -1,16 +1,20 @@
 """PEFT-like head folders: `head_config.json` + `head.safetensors`, written atomically, loaded warily.
 
 Nothing here unpickles: tensors come only through safetensors, and every name, shape, dtype and
-value is checked against what the config says before the module sees it.
+value is checked against what the config says before the module sees it. Sizes are checked before
+they are paid for: the config file's bytes and JSON depth before parsing; the sizes its config
+implies (each kind's `parameter_count`, bounded per kind and by `max_head_parameters`) before any
+tensor exists; the weights file's size against those parameters before it is read. Writes follow
+the steps in `heads.folders`, so a crash leaves the previous folder or the new one, never half.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import shutil
-import uuid
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from heads.errors import BaseMismatchError, HeadError, HeadFormatError
+from heads.folders import staged, swap_in, sync_dir
 from heads.registry import get_head_type
 
 CONFIG_NAME = "head_config.json"
@@ -31,6 +36,10 @@ WEIGHTS_NAME = "head.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_PROMPT_TEMPLATE = "{problem}"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_CONFIG_BYTES = 1024 * 1024  # head_config.json holds a config and a training summary: kilobytes
+MAX_JSON_DEPTH = 16  # ours nest 3 deep (training.final_metrics); deeper JSON only costs stack to parse and echo
+MAX_WEIGHTS_HEADER_BYTES = 64 * 1024  # a safetensors header: names, dtypes, shapes and offsets of a few tensors
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)  # strings (skipped whole) and brackets
 
 
 @dataclass
@@ -53,30 +62,32 @@ class HeadMetadata:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
 
-def config_from_dict(config_cls: type[Any], data: Mapping[str, Any]) -> Any:
+def config_from_dict(config_cls: type[Any], data: Mapping[str, Any], source: str = CONFIG_NAME) -> Any:
     """Build a head config, refusing unknown fields and values its `validate()` rejects."""
     if not isinstance(data, Mapping):
-        raise HeadFormatError(f"{CONFIG_NAME}: 'config' must be an object, got {type(data).__name__}")
+        raise HeadFormatError(f"{source}: 'config' must be an object, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise HeadFormatError(f"{CONFIG_NAME}: unknown config fields {unknown} for {config_cls.__name__}")
+        raise HeadFormatError(f"{source}: unknown config fields {unknown} for {config_cls.__name__}")
     config = config_cls(**data)
     try:
         config.validate()
     except ValueError as e:
-        raise HeadFormatError(f"{CONFIG_NAME}: {e}") from None
+        raise HeadFormatError(f"{source}: {e}") from None
     return config
 
 
 def save_head(head: nn.Module, out_dir: str | os.PathLike[str], base_info: Mapping[str, Any] | None = None, *,
               task: str = "", prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-              training: Mapping[str, Any] | None = None) -> HeadMetadata:
+              training: Mapping[str, Any] | None = None,
+              extra_files: Mapping[str, bytes] | None = None) -> HeadMetadata:
     """Write the head folder atomically: a crash leaves the previous folder or none, never half a head.
 
     `base_info` carries `base_model_name_or_path` and `base_fingerprint` of the base the head
     was trained on. The safetensors bytes depend only on the weights (no timestamps), so the
-    same training run reproduces the same file.
+    same training run reproduces the same file. `extra_files` (name -> bytes, e.g. a training run's
+    loss curve) go into the same folder before the swap, so the head never changes once visible.
     """
     out = Path(out_dir)
     base_info = dict(base_info or {})
@@ -86,17 +97,19 @@ def save_head(head: nn.Module, out_dir: str | os.PathLike[str], base_info: Mappi
         base_fingerprint=base_info.get("base_fingerprint"), prompt_template=prompt_template,
         training=dict(training or {}), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in head.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_synced(tmp / WEIGHTS_NAME, save_safetensors_bytes(tensors))
-        _write_synced(tmp / CONFIG_NAME, meta.to_json().encode())
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with staged(out, "tmp") as tmp:
+        for name, data in (extra_files or {}).items():
+            _write_synced(tmp / Path(name).name, data)
+        write_files(tmp, meta.to_json().encode(), save_safetensors_bytes(tensors))
+        swap_in(tmp, out)
     return meta
+
+
+def write_files(folder: Path, config_bytes: bytes, weights_bytes: bytes) -> None:
+    """Both files of a head into a staged folder, each fsynced, then the folder itself: durable before the swap."""
+    _write_synced(folder / WEIGHTS_NAME, weights_bytes)
+    _write_synced(folder / CONFIG_NAME, config_bytes)
+    sync_dir(folder)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -106,33 +119,45 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an existing `dst` is swapped out, then removed."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
-
-
 def read_metadata(head_dir: str | os.PathLike[str]) -> HeadMetadata:
     """Parse and check head_config.json alone (cheap: listing a registry never reads tensors)."""
     path = Path(head_dir) / CONFIG_NAME
     if not path.is_file():
         raise HeadFormatError(f"{path}: missing (a head folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    return parse_metadata(path.read_bytes(), source=str(path))
+    return parse_metadata(read_bounded(path, MAX_CONFIG_BYTES), source=str(path))
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The file's bytes, refusing one over `limit` bytes from its size alone (and never reading past it)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise HeadFormatError(f"{path.name}: {size} bytes, over the limit of {limit} bytes")
+        data = f.read(size + 1)  # one byte more shows a file that grew meanwhile
+    if len(data) > limit:
+        raise HeadFormatError(f"{path.name}: more than {limit} bytes")
+    return data
 
 
 def parse_metadata(config_bytes: bytes, source: str = CONFIG_NAME) -> HeadMetadata:
-    """head_config.json bytes -> checked metadata; every failure names the field at fault."""
+    """head_config.json bytes -> checked metadata; every failure names the field at fault.
+
+    What comes back is safe to show (bounded depth, finite numbers, the right types) and its config
+    is valid for its kind within the kind's size bounds, so listing a head can never fail later.
+    """
+    if len(config_bytes) > MAX_CONFIG_BYTES:
+        raise HeadFormatError(f"{source}: {len(config_bytes)} bytes, over the limit of {MAX_CONFIG_BYTES} bytes")
+    check_json_depth(config_bytes, source)
     try:
-        raw = json.loads(config_bytes.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = json.loads(config_bytes.decode(), parse_constant=_no_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise HeadFormatError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise HeadFormatError(f"{source}: must hold a JSON object")
+    try:  # JSON escapes can spell lone surrogates, which no UTF-8 answer (or file) can carry
+        json.dumps(raw, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise HeadFormatError(f"{source}: holds text that is not valid Unicode (a lone surrogate escape)") from None
     known = {f.name for f in dataclasses.fields(HeadMetadata)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -158,12 +183,76 @@ def parse_metadata(config_bytes: bytes, source: str = CONFIG_NAME) -> HeadMetada
     template = raw.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
     if "{problem}" not in template:
         raise HeadFormatError(f"{source}: prompt_template must contain the placeholder {{problem}}")
-    get_head_type(raw["head_type"])  # UnknownHeadTypeError names the known kinds
-    return HeadMetadata(**raw)
+    meta = HeadMetadata(**raw)
+    head_parameters(meta, source)  # the config is an object, valid for its kind, within its bounds
+    return meta
+
+
+def check_json_depth(data: bytes, source: str = CONFIG_NAME) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH before parsing it, so nothing ever recurses on it.
+
+    Strings are skipped whole (brackets inside them do not count); the scan stops at the first
+    bracket past the bound, so a nesting bomb costs a few dozen steps.
+    """
+    depth = 0
+    for token in _JSON_TOKENS.finditer(data):
+        first = token.group()[:1]
+        if first in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise HeadFormatError(f"{source}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif first in (b"]", b"}"):
+            depth -= 1
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a float")
+    return value
+
+
+def max_head_parameters(vocab_size: int, n_embd: int) -> int:
+    """The most parameters any head may have on a (V, D) base: two LM-head-sized matrices (V x D) plus
+    mixing matrices up to 8 D wide. Past that a "head" is a model; every kind's own bounds stay below."""
+    return 2 * vocab_size * n_embd + 64 * n_embd * n_embd
+
+
+def head_parameters(meta: HeadMetadata, source: str = CONFIG_NAME) -> int:
+    """How many parameters the metadata's config implies; HeadFormatError if the config is invalid for
+    its kind or past the bounds. Arithmetic only: nothing is allocated."""
+    kind = get_head_type(meta.head_type)  # UnknownHeadTypeError names the known kinds
+    config = config_from_dict(kind.config_cls, meta.config, source)
+    try:
+        count = int(config.parameter_count(meta.vocab_size, meta.n_embd))
+    except ValueError as e:
+        raise HeadFormatError(f"{source}: {e}") from None
+    limit = max_head_parameters(meta.vocab_size, meta.n_embd)
+    if count > limit:
+        raise HeadFormatError(f"{source}: the config implies {count} parameters, over the bound of {limit} "
+                              "(2 x vocab_size x n_embd + 64 x n_embd^2)")
+    return count
+
+
+def max_weights_bytes(meta: HeadMetadata) -> int:
+    """The largest head.safetensors its config allows: every parameter in float32, plus the header."""
+    return 8 + MAX_WEIGHTS_HEADER_BYTES + 4 * head_parameters(meta)
+
+
+def check_weights_size(meta: HeadMetadata, size: int, source: str = WEIGHTS_NAME) -> None:
+    """Refuse a weights file too big for its config from its size alone, before reading it."""
+    limit = max_weights_bytes(meta)
+    if size > limit:
+        raise HeadFormatError(f"{source}: {size} bytes, but the config's {head_parameters(meta)} parameters "
+                              f"take at most {limit} bytes")
 
 
 def build_head(meta: HeadMetadata) -> nn.Module:
-    """An untrained module of the kind and shape the metadata describes."""
+    """An untrained module of the kind and shape the metadata describes (its sizes already bounded)."""
     kind = get_head_type(meta.head_type)
     config = config_from_dict(kind.config_cls, meta.config)
     try:
@@ -208,6 +297,11 @@ def load_head_bytes(config_bytes: bytes, weights_bytes: bytes, *, fingerprint: s
     """Validate and build a head from raw file contents (uploads are checked before touching disk)."""
     meta = parse_metadata(config_bytes)
     check_base(meta, fingerprint=fingerprint, vocab_size=vocab_size, n_embd=n_embd)
+    check_weights_size(meta, len(weights_bytes))
+    return _build_loaded(meta, weights_bytes), meta
+
+
+def _build_loaded(meta: HeadMetadata, weights_bytes: bytes) -> nn.Module:
     module = build_head(meta)
     try:
         tensors = load_safetensors_bytes(weights_bytes)
@@ -217,12 +311,16 @@ def load_head_bytes(config_bytes: bytes, weights_bytes: bytes, *, fingerprint: s
     target = next(iter(module.state_dict().values())).dtype
     module.load_state_dict({k: v.to(target) for k, v in tensors.items()}, strict=True)
     module.eval()
-    return module, meta
+    return module
 
 
 def load_head(head_dir: str | os.PathLike[str], *, fingerprint: str | None = None, vocab_size: int | None = None,
               n_embd: int | None = None) -> tuple[nn.Module, HeadMetadata]:
-    """Load a head folder; with `fingerprint` (and sizes) given, refuse heads made for another base."""
+    """Load a head folder; with `fingerprint` (and sizes) given, refuse heads made for another base.
+
+    The config is read and checked (against the base too) first; the weights file is read only once
+    its size fits what the config implies.
+    """
     path = Path(head_dir)
     if not path.is_dir():
         raise HeadFormatError(f"{path}: not a head folder")
@@ -233,7 +331,8 @@ def load_head(head_dir: str | os.PathLike[str], *, fingerprint: str | None = Non
     if not config_path.is_file():
         raise HeadFormatError(f"{config_path}: missing")
     try:
-        return load_head_bytes(config_path.read_bytes(), weights.read_bytes(), fingerprint=fingerprint,
-                               vocab_size=vocab_size, n_embd=n_embd)
+        meta = parse_metadata(read_bounded(config_path, MAX_CONFIG_BYTES))
+        check_base(meta, fingerprint=fingerprint, vocab_size=vocab_size, n_embd=n_embd)
+        return _build_loaded(meta, read_bounded(weights, max_weights_bytes(meta))), meta
     except HeadError as e:
         raise type(e)(f"{path}: {e}") from None

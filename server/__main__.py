@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from server.app import create_app
 from server.settings import Settings, get_settings
@@ -24,7 +26,14 @@ def main(argv: list[str] | None = None) -> None:
                                                ("base_model", args.base_model), ("heads_dir", args.heads_dir))
                  if value is not None}
     # Constructor arguments take precedence over the environment in pydantic-settings.
-    settings = Settings(**overrides) if overrides else get_settings()
+    try:
+        settings = Settings(**overrides) if overrides else get_settings()
+    except ValidationError as e:  # refuse to start, one line per bad setting, instead of failing requests later
+        for err in e.errors():
+            name = ".".join(str(part) for part in err["loc"])
+            where = f"HEADSERVE_{name.upper()}: " if name else ""
+            print(f"invalid setting {where}{err['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
 
 

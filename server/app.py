@@ -24,8 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from heads import HeadError
 from heads.base import load_base
 from server.engine import Engine
-from server.errors import AuthMissingError, HeadNotFoundError, QueueFullError, ServerError, status_for
+from server.errors import AuthMissingError, HeadNotFoundError, QueueFullError, ServerError, is_mapped, status_for
 from server.head_cache import HeadCache
+from server.limits import BodyLimitMiddleware, prompt_char_limit
 from server.metrics import Metrics
 from server.openai_schemas import openai_error_body
 from server.registry import Registry
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = Registry(settings.heads_dir)
     app.state.runtime = None  # set by the loader once the base is ready
     app.state.load_error = None
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)  # inside: its 413s are counted
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(ServerError, _domain_error)
     app.add_exception_handler(HeadError, _domain_error)
@@ -56,13 +58,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    stopping = threading.Event()
-    loader = threading.Thread(target=load_runtime, args=(app, stopping), name="headserve-loader", daemon=True)
+    settings: Settings = app.state.settings
+    if settings.admin_token is None and not settings.listens_on_loopback:
+        log.warning("POST and DELETE /heads are disabled: the server listens on %s without an admin token; set "
+                    "HEADSERVE_ADMIN_TOKEN to enable them (callers then send 'Authorization: Bearer <token>')",
+                    settings.host)
+    stopping, gate = threading.Event(), threading.Lock()
+    loader = threading.Thread(target=load_runtime, args=(app, stopping, gate), name="headserve-loader", daemon=True)
     loader.start()
     try:
         yield
     finally:
-        stopping.set()
+        with gate:  # after this, the loader has either published its runtime (stopped below) or never will
+            stopping.set()
         loader.join(timeout=60)
         runtime: Runtime | None = app.state.runtime
         if runtime is not None:
@@ -70,8 +78,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = None
 
 
-def load_runtime(app: FastAPI, stopping: threading.Event) -> None:
-    """Load, fingerprint and warm up the base, start the engine, then flip readiness."""
+def load_runtime(app: FastAPI, stopping: threading.Event, gate: threading.Lock) -> None:
+    """Load, fingerprint and warm up the base, start the engine, then flip readiness.
+
+    Starting the engine and publishing the runtime happen under `gate`, the lock the lifespan holds
+    while it sets `stopping`: a shutdown that begins during start-up either finds the runtime and
+    stops its engine, or keeps the engine from ever starting; never an engine left running after it.
+    """
     settings: Settings = app.state.settings
     start = time.perf_counter()
     try:
@@ -81,16 +94,19 @@ def load_runtime(app: FastAPI, stopping: threading.Event) -> None:
         engine = Engine(base, app.state.metrics, max_queue=settings.max_queue, max_batch_size=settings.max_batch_size,
                         max_batch_tokens=settings.max_batch_tokens)
         engine.warm_up()
+        token_limit = settings.prompt_token_limit(base.n_positions)
+        char_limit = prompt_char_limit(token_limit, base.tokenizer)
     except Exception as e:
         log.exception("loading the base model %r failed", settings.base_model)
         app.state.load_error = f"{type(e).__name__}: {e}"
         return
-    if stopping.is_set():
-        return
-    engine.start()
-    app.state.runtime = Runtime(base=base, engine=engine, head_cache=head_cache,
-                                prompt_token_limit=settings.prompt_token_limit(base.n_positions),
-                                device=str(base.device))
+    runtime = Runtime(base=base, engine=engine, head_cache=head_cache, prompt_token_limit=token_limit,
+                      prompt_char_limit=char_limit, device=str(base.device))
+    with gate:
+        if stopping.is_set():
+            return
+        engine.start()
+        app.state.runtime = runtime
     log.info("ready: base %s (%s) on %s in %.1fs", base.name, base.fingerprint, base.device,
              time.perf_counter() - start)
 
@@ -102,7 +118,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, AuthMissingError):
         headers["WWW-Authenticate"] = "Bearer"
-    if status == 500:  # a ServerError subclass nobody mapped: a bug, not the client's fault
+    if not is_mapped(exc):  # a ServerError subclass nobody mapped: a bug, not the client's fault
         log.error("unmapped domain error %s: %s", type(exc).__name__, exc)
         return _error(request, 500, "internal server error")
     code = "model_not_found" if isinstance(exc, HeadNotFoundError) else None  # only read under /v1

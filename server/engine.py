@@ -13,6 +13,16 @@ vLLM serving many adapters over one base.
 Admission is strictly first-come, first-served: a job waits only while the batch has no room
 for it (MAX_BATCH_SIZE sequences, MAX_BATCH_TOKENS tokens per step), and no later arrival ever
 overtakes it. A job too big for an empty batch still runs alone rather than never.
+
+One request never fails another. What belongs to one sequence (its head's logits or a head that
+raises, its sampling, its stop strings and detokenisation; server/next_tokens.py) fails that
+sequence's job alone: the job is marked failed, its sequences leave at the end of the step, and
+everyone else's tokens are drawn exactly as if it had never been there. A base forward that fails
+with newcomers in it is run again without them, then each newcomer alone: a newcomer that fails
+alone fails its own job, the others join as usual, so a new request cannot poison the ones already
+decoding. A forward that fails with no newcomer in it, or again without them, means the base itself
+is failing: then every job in the step fails (newcomers too). Every job taken from the queue is
+settled exactly once, whatever fails (abandoned ones are dropped unanswered: nobody listens).
 """
 
 from __future__ import annotations
@@ -21,51 +31,23 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from heads.base import Base
-from heads.sampling import SamplingParams, make_generator, sample, scaled_logits
-from server.errors import NotReadyError, QueueFullError
-from server.head_logits import group_logits
+from heads.sampling import SamplingParams, make_generator
+from server.errors import GenerationFailedError, NotReadyError, QueueFullError
 from server.metrics import Metrics
+from server.next_tokens import draw_tokens
 from server.ragged import Prefill, RaggedGPT2
 from server.schemas import COMPARE_ALL
-from server.sequence import GenerationJob, JobResult, Sequence
+from server.sequence import GenerationJob, JobResult, Pending, Running, Sequence, Settle
 
 log = logging.getLogger(__name__)
 
 COMPARISON_DECODERS = {"greedy": "linear_greedy", "top_k": "linear_top_k"}
 IDLE_CACHE_POSITIONS = 256  # an idle engine keeps a KV cache this long and frees a longer one
-Settle = Callable[[JobResult | None, BaseException | None], None]
-
-
-@dataclass
-class Pending:
-    """A job with the way back to whoever waits for it."""
-
-    job: GenerationJob
-    settle: Settle  # called once, from the worker thread, with the result or the error
-    abandoned: Callable[[], bool] = lambda: False  # the caller stopped waiting: skip or drop the job
-    # Streaming callers: called from the worker after every step that gave the job new tokens, with its sequences.
-    progress: Callable[[list[Sequence]], None] | None = None
-
-
-@dataclass
-class Running:
-    """An admitted job: its sequences are (or were) in the batch."""
-
-    pending: Pending
-    sequences: list[Sequence]
-    started_at: float
-    remaining: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.remaining = len(self.sequences)
 
 
 class Engine:
@@ -82,6 +64,7 @@ class Engine:
         self._stopping = False
         self._active: list[Sequence] = []  # active[i] lives in cache slot i (worker thread only)
         self._owner: dict[int, Running] = {}  # id(sequence) -> its job
+        self._admitting: list[Running] = []  # taken from the queue but not yet in _active/_owner (worker only)
         self._thread = threading.Thread(target=self._work, name="headserve-engine", daemon=True)
 
     # -- called from the event loop (server.streaming.JobStream submits and waits) -------------
@@ -97,7 +80,10 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        with self._cond:  # atomic with stop(): a stopped engine never starts a worker behind its back
+            if self._stopping:
+                raise RuntimeError("the engine was stopped; it cannot start again")
+            self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the jobs already decoding, then fail whatever is still queued with 503."""
@@ -109,11 +95,11 @@ class Engine:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for pending in waiting:
-            pending.settle(None, NotReadyError("the server is shutting down"))
+            pending.answer(None, NotReadyError("the server is shutting down"))
 
     def run_until_done(self, jobs: list[GenerationJob]) -> list[JobResult]:
-        """Run jobs to completion in the calling thread, batched together; for warm-up and tests, never with
-        the worker running."""
+        """Run jobs to completion in the calling thread, batched together, as the worker would; for warm-up
+        and tests, never with the worker running. Raises the first job's error if any job failed."""
         if self._thread.is_alive():
             raise RuntimeError("run_until_done cannot run beside the worker thread")
         results: dict[int, JobResult] = {}
@@ -130,7 +116,7 @@ class Engine:
         with self._cond:
             self._waiting.extend(Pending(job, settler(i)) for i, job in enumerate(jobs))
         while self._waiting or self._active:
-            self._step(self._admit())
+            self._tick()
         if errors:
             raise errors[0]
         return [results[i] for i in range(len(jobs))]
@@ -154,22 +140,27 @@ class Engine:
                     self._cond.wait()
                 if self._stopping and not self._active:
                     return
-            try:
-                self._step([] if self._stopping else self._admit())
-            except Exception as e:  # a failed step fails the jobs in it; the engine keeps serving
-                log.exception("engine step failed")
-                self._fail_active(e)
+            self._tick()
+
+    def _tick(self) -> None:
+        """One step; a failure nothing narrower caught fails the jobs in it, and the engine keeps serving."""
+        try:
+            self._step([] if self._stopping else self._admit())
+        except Exception as e:
+            log.exception("engine step failed")
+            self._fail_active(e)
 
     def _admit(self) -> list[Running]:
         """Take waiting jobs, oldest first, while the batch has room for all their sequences and prompt."""
         admitted: list[Running] = []
+        self._admitting = admitted  # from the moment a job leaves the queue, a failure still settles it
         free_slots = self.cache.slots - len(self._active)
         slot_budget = self.max_batch_size - len(self._active)
         token_budget = self.max_batch_tokens - len(self._active)  # every decoding sequence feeds one token
         with self._cond:
             while self._waiting:
                 pending = self._waiting[0]
-                if pending.abandoned():
+                if pending.gone():
                     self._waiting.popleft()
                     self.metrics.abandoned_requests.inc()
                     continue
@@ -180,7 +171,13 @@ class Engine:
                 if not (fits or (alone and need <= free_slots)):
                     break  # strict arrival order: nobody overtakes the job at the front
                 self._waiting.popleft()
-                admitted.append(self._open(pending))
+                try:
+                    admitted.append(self._open(pending))
+                except Exception as e:
+                    log.exception("could not set up a job's sequences")
+                    pending.answer(None, GenerationFailedError(f"the request could not be started "
+                                                                 f"({type(e).__name__})"))
+                    continue
                 slot_budget -= need
                 free_slots -= need
                 token_budget -= len(job.prompt_ids)
@@ -204,7 +201,7 @@ class Engine:
         return Running(pending, sequences, started_at=time.perf_counter())
 
     def _generator(self, params: SamplingParams, seed: int) -> torch.Generator | None:
-        return None if params.strategy == "greedy" else make_generator(seed, self.base.device)
+        return None if params.is_greedy else make_generator(seed, self.base.device)
 
     def _step(self, admitted: list[Running]) -> None:
         """One base forward over every active sequence and the new prompts, then one token for each."""
@@ -219,50 +216,90 @@ class Engine:
             slot += len(slots)
             for seq in running.sequences:
                 self._owner[id(seq)] = running
-        # From here on the newcomers are part of the batch: a failing step fails their jobs too.
+        # From here on the newcomers are part of the batch: whatever fails settles them with the others.
         batch = self._active = decoding + [seq for running in admitted for seq in running.sequences]
-        self.cache.ensure(max([s.cached + 1 for s in decoding] + [len(p.token_ids) for p in prefills]))
-        hidden = self.model.step(self.cache, [s.token_ids[-1] for s in decoding], [s.cached for s in decoding],
-                                 prefills)  # (n_decode + n_prefill, D)
-        rows = list(range(len(decoding)))
-        for seq in decoding:
-            seq.cached += 1
-        for i, running in enumerate(admitted):
-            for seq in running.sequences:
-                seq.cached = len(running.pending.job.prompt_ids)
-                rows.append(len(decoding) + i)
-        if len(rows) != hidden.shape[0]:  # a prefill shared by comparison decodes feeds each of them
-            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        self._admitting = []
+        hidden = self._forward(decoding, admitted, prefills)  # (len(batch), D)
         self._next_tokens(hidden, batch)
         self._report_progress(batch)
         self._retire_finished()
         self.metrics.active_sequences.set(len(self._active))
 
+    def _forward(self, decoding: list[Sequence], admitted: list[Running], prefills: list[Prefill]) -> Tensor:
+        """The step's hidden states, one row per sequence of the batch; a failure with newcomers in it is
+        retried without them (see `_recover`)."""
+        try:
+            hidden = self._run(decoding, prefills)
+        except Exception as e:
+            if not admitted:
+                raise  # the sequences already decoding failed on their own: nobody else to blame
+            log.exception("a step with %d new request(s) failed; retrying without them", len(admitted))
+            hidden = self._recover(decoding, admitted, prefills, e)
+        for seq in decoding:
+            seq.cached += 1
+        for running in admitted:
+            for seq in running.sequences:
+                seq.cached = len(running.pending.job.prompt_ids)
+        return hidden
+
+    def _run(self, decoding: list[Sequence], prefills: list[Prefill]) -> Tensor:
+        """One base forward: (len(decoding) + every prefill's slots, D), a prefill's row repeated per slot."""
+        self.cache.ensure(max([s.cached + 1 for s in decoding] + [len(p.token_ids) for p in prefills]))
+        hidden = self.model.step(self.cache, [s.token_ids[-1] for s in decoding], [s.cached for s in decoding],
+                                 prefills)  # (n_decode + n_prefill, D)
+        rows = list(range(len(decoding)))
+        for i, prefill in enumerate(prefills):
+            rows += [len(decoding) + i] * len(prefill.slots)
+        if len(rows) != hidden.shape[0]:  # a prefill shared by comparison decodes feeds each of them
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        return hidden
+
+    def _recover(self, decoding: list[Sequence], admitted: list[Running], prefills: list[Prefill],
+                 error: Exception) -> Tensor:
+        """The sequences already decoding, without the newcomers (if that fails too, it fails them all),
+        then each newcomer alone: one that fails alone fails its own job; the others join as usual.
+
+        Cache writes are positional, so running a row again overwrites what the failed pass left.
+        """
+        parts = [self._run(decoding, [])] if decoding else []
+        for running, prefill in zip(admitted, prefills, strict=True):
+            part = None
+            if decoding or len(admitted) > 1:  # else it already failed alone
+                try:
+                    part = self._run([], [prefill])
+                except Exception as e:
+                    log.exception("a new request's prompt failed on its own")
+                    error = e
+            if part is None:
+                self._fail(running, error)
+                part = torch.zeros(len(prefill.slots), self.base.n_embd, dtype=self.cache.dtype,
+                                   device=self.cache.device)  # placeholder rows: a failed job draws nothing
+            parts.append(part)
+        return torch.cat(parts)
+
     def _next_tokens(self, hidden: Tensor, batch: list[Sequence]) -> None:
-        """Each head's decode once for its rows, then each sequence's own draw."""
+        """Each head's decode once for its rows, then each sequence's own draw; failures stay with their owner."""
         groups: dict[int, list[int]] = {}
         for row, seq in enumerate(batch):
-            groups.setdefault(id(seq.head), []).append(row)
+            if self._alive(seq):  # a newcomer whose prompt failed has no hidden state
+                groups.setdefault(id(seq.head), []).append(row)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_heads.observe(len(groups))
-        now = time.perf_counter()
-        heads = [seq.head for seq in batch]
-        for rows, logits in group_logits(self.base, hidden, heads, list(groups.values())):
-            greedy = [i for i, row in enumerate(rows) if batch[row].params.strategy == "greedy"]
-            if greedy:  # one argmax for all greedy rows: row-wise, so the same as one row at a time
-                ids, logprobs = sample(logits[greedy] if len(greedy) < len(rows) else logits, SamplingParams())
-                for i, token, logprob in zip(greedy, ids.tolist(), logprobs.tolist(), strict=True):
-                    batch[rows[i]].append(token, logprob, now, self.base.tokenizer, self.eos_id)
-            for i, row in enumerate(rows):
-                seq = batch[row]
-                if seq.params.strategy != "greedy":
-                    token, logprob = sample(logits[i:i + 1], seq.params, seq.generator)
-                    seq.append(int(token), float(logprob), now, self.base.tokenizer, self.eos_id)
-            for i, row in enumerate(rows):
-                seq = batch[row]
-                if seq.top_logprobs:  # from the distribution the token's own logprob comes from
-                    top = F.log_softmax(scaled_logits(logits[i:i + 1], seq.params), dim=-1)[0].topk(seq.top_logprobs)
-                    seq.top.append(list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+        draw_tokens(self.base, hidden, batch, list(groups.values()), time.perf_counter(), self._alive,
+                    self._fail_sequence)
+
+    def _alive(self, seq: Sequence) -> bool:
+        return self._owner[id(seq)].error is None
+
+    def _fail_sequence(self, seq: Sequence, error: BaseException) -> None:
+        """One sequence failed: its whole job ends (the answer and its comparisons), nobody else's."""
+        self._fail(self._owner[id(seq)], error)
+
+    @staticmethod
+    def _fail(running: Running, error: BaseException) -> None:
+        """Mark the job failed (the first error wins); `_retire_finished` takes it out and settles it."""
+        if running.error is None:
+            running.error = error
 
     def _report_progress(self, batch: list[Sequence]) -> None:
         """Tell streaming callers about their jobs' new tokens; a failing callback never stops the batch."""
@@ -270,7 +307,7 @@ class Engine:
         for seq in batch:
             running = self._owner[id(seq)]
             progress = running.pending.progress
-            if progress is None or id(running) in told:
+            if progress is None or running.error is not None or id(running) in told:
                 continue
             told.add(id(running))
             try:
@@ -279,9 +316,10 @@ class Engine:
                 log.exception("a stream's progress callback failed")
 
     def _retire_finished(self) -> None:
-        """Free the slots of finished sequences and settle the jobs that have no sequence left."""
+        """Free the slots of finished (or failed) sequences and settle the jobs that have no sequence left."""
         for index in range(len(self._active) - 1, -1, -1):
-            if self._active[index].finished:
+            seq = self._active[index]
+            if seq.finished or self._owner[id(seq)].error is not None:
                 running = self._remove(index)
                 if running.remaining == 0:
                     self._finish(running)
@@ -291,7 +329,7 @@ class Engine:
         dropped: set[int] = set()
         for index in range(len(self._active) - 1, -1, -1):
             running = self._owner[id(self._active[index])]
-            if running.pending.abandoned():
+            if running.pending.gone():
                 self._remove(index)
                 dropped.add(id(running))
         if dropped:
@@ -313,20 +351,29 @@ class Engine:
         return running
 
     def _finish(self, running: Running) -> None:
+        if running.error is not None:
+            running.pending.answer(None, running.error)
+            return
         main, *comparisons = running.sequences
         result = JobResult(main=main, comparisons=comparisons, accepted_at=running.pending.job.accepted_at,
                            started_at=running.started_at, finished_at=time.perf_counter(),
                            prompt_tokens=len(running.pending.job.prompt_ids))
-        self._record(result)
-        running.pending.settle(result, None)
+        try:
+            self._record(result)
+        except Exception:  # metrics are not worth a request
+            log.exception("recording a finished request's metrics failed")
+        running.pending.answer(result, None)
 
     def _fail_active(self, error: BaseException) -> None:
-        failed = {id(r): r for r in (self._owner[id(s)] for s in self._active)}
-        self._active, self._owner = [], {}
-        self.metrics.active_sequences.set(0)
+        """Settle every job in the batch, and any taken from the queue but not yet in it, with `error`."""
+        failed: dict[int, Running] = {}
+        for running in [*self._owner.values(), *self._admitting]:
+            failed.setdefault(id(running), running)
+        self._active, self._owner, self._admitting = [], {}, []
         self.cache.release()
+        self.metrics.active_sequences.set(0)
         for running in failed.values():
-            running.pending.settle(None, error)
+            running.pending.answer(None, running.error or error)
 
     def _record(self, result: JobResult) -> None:
         main, label = result.main, result.main.head_label
@@ -337,3 +384,4 @@ class Engine:
             self.metrics.inter_token_latency.labels(head=label).observe(later - earlier)
         for seq in [main, *result.comparisons]:
             self.metrics.generated_tokens.labels(head=seq.head_label, decoder=seq.decoder).inc(len(seq.token_ids))
+

@@ -33,6 +33,20 @@ class HeadUnavailableError(ServerError):
     """The registry holds a folder of that name, but it cannot be served (broken or for another base)."""
 
 
+class HeadOutputError(HeadUnavailableError):
+    """A head raised while decoding, or gave logits no token can be drawn from (NaN, infinity); only the
+    requests decoding with it fail, and the message names the head."""
+
+
+class GenerationFailedError(ServerError):
+    """One request's own decoding failed inside the engine (say, turning its tokens into text); the rest of
+    the batch went on. A server fault (500), but one whose message is safe and useful to show."""
+
+
+class ClientDisconnectedError(ServerError):
+    """The client went away before its answer was ready; its sequences were freed (nobody reads the 499)."""
+
+
 class UploadTooLargeError(ServerError):
     """The upload body passed `MAX_UPLOAD_BYTES`."""
 
@@ -57,11 +71,16 @@ class AuthInvalidError(ServerError):
     """An admin route was called with the wrong bearer token."""
 
 
+class WritesDisabledError(ServerError):
+    """A registry write on a server without ADMIN_TOKEN that listens beyond loopback: safe by default."""
+
+
 # The one place where domain errors become HTTP status codes (most specific class first).
 STATUS_CODES: list[tuple[type[Exception], int]] = [
     (InvalidRequestError, 422),
     (HeadNotFoundError, 404),
     (HeadExistsError, 409),
+    (HeadOutputError, 409),  # the head's fault: neither the client's request nor the server's
     (HeadUnavailableError, 409),
     (BaseMismatchError, 409),  # an uploaded head trained on another base
     (HeadFormatError, 422),  # an uploaded head with malformed files
@@ -70,6 +89,9 @@ STATUS_CODES: list[tuple[type[Exception], int]] = [
     (NotReadyError, 503),
     (AuthMissingError, 401),
     (AuthInvalidError, 403),
+    (GenerationFailedError, 500),  # a server fault whose message is still safe to show
+    (ClientDisconnectedError, 499),  # nginx's "client closed request": only metrics and logs see it
+    (WritesDisabledError, 403),
 ]
 
 
@@ -81,6 +103,11 @@ def status_for(error: BaseException) -> int:
     return 500
 
 
+def is_mapped(error: BaseException) -> bool:
+    """A domain error listed above; anything else that reaches a handler is a bug."""
+    return any(isinstance(error, cls) for cls, _ in STATUS_CODES)
+
+
 def public_detail(error: BaseException) -> str:
     """What a client may read about an error: the message of a mapped one, nothing about a bug."""
-    return str(error) if status_for(error) != 500 else "internal server error"
+    return str(error) if is_mapped(error) else "internal server error"

@@ -1,10 +1,16 @@
-"""An LRU of heads loaded from the registry and prepared on the device.
+"""An LRU of heads loaded from the registry, checked on the base's probe states and prepared on the device.
 
-Loading a head means reading and validating its safetensors, moving it to the device and calling
-`prepare` (which folds it against the base's embeddings), so it is worth keeping the recently
-used ones. The registry stays the source of truth: every lookup compares the files' stamp (inode,
-mtime, size) with the cached one and reloads a head that was replaced on disk. Eviction only
-drops the cache's reference; a sequence that is generating holds its own, so it finishes normally.
+Loading a head means reading and validating its safetensors, moving it to the device, building its
+serving form and running it on the base's probe states (server/head_checks.py), so it is worth
+keeping the recently used ones. The registry stays the source of truth: every lookup compares the
+files' stamp (inode, mtime, size) with the cached one and reloads a head that was replaced on disk.
+Eviction only drops the cache's reference; a sequence that is generating holds its own, so it
+finishes normally.
+
+Loads run on the cache's own one-thread executor, never on the server's shared thread pool, so a
+slow or huge head cannot starve other requests (or /healthz). Requests for a head that is loading
+wait on that one load (single-flight), and a load that fails is remembered by the registry under
+the files' stamp: a broken head costs one load, not one per request, until its files change.
 """
 
 from __future__ import annotations
@@ -13,17 +19,18 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from torch import nn
 
-from heads import HeadError, HeadMetadata, load_head
+from heads import HeadError, HeadMetadata, load_head, load_head_bytes
 from heads.base import Base
-from server.errors import HeadNotFoundError, HeadUnavailableError
+from server.errors import HeadUnavailableError
 from server.factored import FactoredHead, SharedNorms, factorable
+from server.head_checks import HeadProbe
 from server.metrics import Metrics
-from server.registry import HeadStamp, Registry, public_message
+from server.registry import HeadEntry, HeadStamp, Registry, public_message
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ class LoadedHead:
     name: str
     module: nn.Module | FactoredHead  # ready to decode on the base's device, eval mode
     meta: HeadMetadata
-    stamp: HeadStamp
+    stamp: HeadStamp | None
 
 
 class HeadCache:
@@ -44,30 +51,75 @@ class HeadCache:
         in the background on this use (1: at load, synchronously; 0: never)."""
         self.registry, self.base, self.metrics, self.capacity = registry, base, metrics, capacity
         self.materialize_after = materialize_after
+        self.probe = HeadProbe(base)
+        registry.bind_base(base.fingerprint, base.vocab_size, base.n_embd)
         self._heads: OrderedDict[str, LoadedHead] = OrderedDict()
         self._uses: dict[str, int] = {}
+        self._inflight: dict[str, tuple[HeadStamp | None, Future[LoadedHead]]] = {}
         self._norms: SharedNorms | None = None  # per-base quantities of factored heads, made on first need
+        # Loads and upload checks, one at a time: preparing a head is a large matmul that already uses
+        # every core, and loads of different heads would only thrash each other (and the engine).
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headserve-load")
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headserve-materialize")
-        self._lock = threading.Lock()  # guards _heads: handlers load and ask what is resident
-        self._load_lock = threading.Lock()  # one load at a time
+        self._lock = threading.Lock()  # guards _heads, _uses and _inflight
+        self._load_lock = threading.Lock()  # a load and a materialisation never run side by side
+
+    def submit(self, name: str) -> Future[LoadedHead]:
+        """The prepared head as a future: done at once when cached, else the one load of it in flight.
+
+        Raises HeadNotFoundError (404) or HeadUnavailableError (409: a broken head, or one whose load
+        already failed) right away, without a load. Awaited from the event loop with
+        `asyncio.wrap_future`; shield it, so that one caller giving up does not cancel the others' load.
+        """
+        entry = self.registry.inspect(name)
+        if entry.error is not None:
+            raise HeadUnavailableError(f"head {name!r} cannot be served: {entry.error}")
+        with self._lock:
+            cached = self._heads.get(name)
+            if cached is None or cached.stamp != entry.stamp:
+                flight = self._inflight.get(name)
+                if flight is not None and flight[0] == entry.stamp:
+                    return flight[1]
+                future = self._loader.submit(self._load_and_keep, entry)
+                self._inflight[name] = (entry.stamp, future)
+                return future
+            self._heads.move_to_end(name)
+        self._count_use(cached)
+        done: Future[LoadedHead] = Future()
+        done.set_result(cached)
+        return done
 
     def get(self, name: str) -> LoadedHead:
-        """The prepared head, loading it (and evicting the least recently used) when needed.
+        """`submit` and wait: for callers on their own thread."""
+        return self.submit(name).result()
 
-        Loads run one at a time: preparing a head is a large matmul that already uses every core, so
-        requests that need the same head wait for one load instead of each doing it, and loads of
-        different heads do not thrash each other (or the engine) by running side by side.
+    def check_upload(self, config_bytes: bytes, weights_bytes: bytes) -> Future[HeadMetadata]:
+        """Validate an upload on the loader as a load would (files, base, probe states), writing nothing.
+
+        The future raises HeadFormatError (422, HeadOutputError for unusable logits) or
+        BaseMismatchError (409).
         """
-        cached = self._lookup(name)
-        if cached is not None:
-            self._count_use(cached)
-            return cached
+        return self._loader.submit(self._check_upload, config_bytes, weights_bytes)
+
+    def _check_upload(self, config_bytes: bytes, weights_bytes: bytes) -> HeadMetadata:
+        module, meta = load_head_bytes(config_bytes, weights_bytes, fingerprint=self.base.fingerprint,
+                                       vocab_size=self.base.vocab_size, n_embd=self.base.n_embd)
         with self._load_lock:
-            cached = self._lookup(name)  # another request may have loaded it while we waited
-            if cached is not None:
-                return cached
-            loaded = self._load(name, self.registry.stamp(name))
+            self.probe.check(self._serving_form(module))
+        return meta
+
+    def _load_and_keep(self, entry: HeadEntry) -> LoadedHead:
+        name = entry.name
+        try:
+            loaded = self._load(entry)
+        except BaseException:
+            with self._lock:
+                if self._inflight.get(name, (None, None))[0] == entry.stamp:
+                    del self._inflight[name]
+            raise
         with self._lock:
+            if self._inflight.get(name, (None, None))[0] == entry.stamp:
+                del self._inflight[name]
             self._uses[name] = 1
             self._heads[name] = loaded
             self._heads.move_to_end(name)
@@ -78,39 +130,45 @@ class HeadCache:
             self.metrics.heads_resident.set(len(self._heads))
         return loaded
 
-    def _lookup(self, name: str) -> LoadedHead | None:
-        """The cached head if its files have not changed on disk since it was loaded."""
-        stamp = self.registry.stamp(name)
-        with self._lock:
-            cached = self._heads.get(name)
-            if cached is not None and cached.stamp == stamp:
-                self._heads.move_to_end(name)
-                return cached
-        return None
-
-    def _load(self, name: str, stamp: HeadStamp) -> LoadedHead:
-        start = time.perf_counter()
-        try:
-            module, meta = load_head(self.registry.path(name), fingerprint=self.base.fingerprint,
-                                     vocab_size=self.base.vocab_size, n_embd=self.base.n_embd)
-        except FileNotFoundError:
-            raise HeadNotFoundError(f"no head named {name!r}") from None
-        except HeadError as e:  # a hand-copied head that is broken or trained on another base
-            reason = public_message(e, self.registry.root)
-            raise HeadUnavailableError(f"head {name!r} cannot be served: {reason}") from None
-        module.to(self.base.device)  # heads keep their float32 weights; decode casts hidden states to them
-        ready: nn.Module | FactoredHead = module
-        if factorable(module) and self.materialize_after != 1:
-            if self._norms is None:
-                self._norms = SharedNorms(self.base.embeddings)
-            ready = FactoredHead(module, self._norms)  # type: ignore[arg-type]
+    def _load(self, entry: HeadEntry) -> LoadedHead:
+        name, start = entry.name, time.perf_counter()
+        for _ in range(3):
+            try:
+                module, meta = load_head(self.registry.path(name), fingerprint=self.base.fingerprint,
+                                         vocab_size=self.base.vocab_size, n_embd=self.base.n_embd)
+                with self._load_lock:
+                    ready = self._serving_form(module)
+                    self.probe.check(ready)
+                break
+            except (HeadError, FileNotFoundError) as e:  # broken, for another base, or computing nonsense
+                current = self.registry.inspect(name)  # HeadNotFoundError (404) if it was deleted meanwhile
+                if current.stamp != entry.stamp and current.error is None:
+                    entry = current  # replaced while we read it: load the new version instead
+                    continue
+                reason = current.error or public_message(e, self.registry.root)
+                self.registry.reject(entry, reason)
+                raise HeadUnavailableError(f"head {name!r} cannot be served: {reason}") from None
+            except Exception as e:  # e.g. out of memory: remembered too, so it is not retried by every request
+                log.exception("loading head %r failed", name)
+                reason = f"loading it failed ({type(e).__name__})"
+                self.registry.reject(entry, reason)
+                raise HeadUnavailableError(f"head {name!r} cannot be served: {reason}") from None
         else:
-            module.prepare(self.base.embeddings)  # type: ignore[operator]
+            raise HeadUnavailableError(f"head {name!r} cannot be served: it is being replaced too often to load")
         seconds = time.perf_counter() - start
         self.metrics.head_load_seconds.observe(seconds)
         self.metrics.head_loads_total.labels(head=name).inc()
         log.info("loaded head %r (%s) in %.3fs", name, meta.head_type, seconds)
-        return LoadedHead(name=name, module=ready, meta=meta, stamp=stamp)
+        return LoadedHead(name=name, module=ready, meta=meta, stamp=entry.stamp)
+
+    def _serving_form(self, module: nn.Module) -> nn.Module | FactoredHead:
+        module.to(self.base.device)  # heads keep their float32 weights; decode casts hidden states to them
+        if factorable(module) and self.materialize_after != 1:
+            if self._norms is None:
+                self._norms = SharedNorms(self.base.embeddings)
+            return FactoredHead(module, self._norms)  # type: ignore[arg-type]
+        module.prepare(self.base.embeddings)  # type: ignore[operator]
+        return module
 
     def _count_use(self, cached: LoadedHead) -> None:
         """Schedule materialising a factored head's keys once it proves popular."""

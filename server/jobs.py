@@ -1,12 +1,14 @@
 """From a validated request to a `GenerationJob`: the steps `/generate` and `/v1/completions` share.
 
 Format the prompt with the head's template (unless raw), tokenize it off the event loop, check
-the limits, and prepare the head off the engine thread, so the batch keeps decoding meanwhile.
-The job holds the prepared head even if the cache evicts or the registry deletes it later.
+the limits, and prepare the head off the engine thread (on the head cache's loader), so the batch
+keeps decoding meanwhile. The job holds the prepared head even if the cache evicts or the registry
+deletes it later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass
 
@@ -19,6 +21,8 @@ from server.registry import Registry
 from server.sequence import GenerationJob
 from server.settings import Settings
 from server.state import Runtime
+
+PLACEHOLDER = "{problem}"  # where a head's prompt_template takes the prompt
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ def check_max_new_tokens(value: int, settings: Settings) -> int:
 
 def prompt_template(head: str | None, registry: Registry) -> str:
     """The head's training template; raises HeadNotFoundError (404) before anything is queued."""
-    return registry.metadata(head).prompt_template if head is not None else "{problem}"
+    return registry.metadata(head).prompt_template if head is not None else PLACEHOLDER
 
 
 async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -> tuple[GenerationJob, str]:
@@ -51,10 +55,21 @@ async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -
     template = prompt_template(request.head, registry)
     tokenizer = runtime.base.tokenizer
     if isinstance(request.prompt, str):
-        prompt = request.prompt if request.raw else template.replace("{problem}", request.prompt)
+        # The formatted length, known before formatting: a prompt that cannot fit is refused before
+        # the server pays for building or tokenising it.
+        length = len(request.prompt) if request.raw else \
+            len(template) + template.count(PLACEHOLDER) * (len(request.prompt) - len(PLACEHOLDER))
+        if length > runtime.prompt_char_limit:
+            raise InvalidRequestError(f"the prompt is {length} characters once formatted; no prompt longer than "
+                                      f"{runtime.prompt_char_limit} characters fits the limit of "
+                                      f"{runtime.prompt_token_limit} tokens")
+        prompt = request.prompt if request.raw else template.replace(PLACEHOLDER, request.prompt)
         # Tokenizing a long prompt takes a while; keep it off the event loop.
         prompt_ids = await run_in_threadpool(lambda: list(tokenizer(prompt)["input_ids"]))
     else:
+        if len(request.prompt) > runtime.prompt_token_limit:
+            raise InvalidRequestError(f"the prompt is {len(request.prompt)} token ids; the limit is "
+                                      f"{runtime.prompt_token_limit}")
         vocab = runtime.base.vocab_size
         bad = [t for t in request.prompt if not 0 <= t < vocab]
         if bad:
@@ -68,7 +83,10 @@ async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -
                                   f"{runtime.prompt_token_limit}")
     head = None
     if request.head is not None:
-        head = (await run_in_threadpool(runtime.head_cache.get, request.head)).module
+        # Loads run on the head cache's own executor (never the shared thread pool); shielded, so a
+        # client that goes away does not cancel a load other requests wait on.
+        loading = asyncio.wrap_future(runtime.head_cache.submit(request.head))
+        head = (await asyncio.shield(loading)).module
     job = GenerationJob(prompt_ids=prompt_ids, head=head, head_label=request.head or BASE_LABEL,
                         params=request.params,
                         seed=request.seed if request.seed is not None else secrets.randbits(63),

@@ -1,6 +1,9 @@
 """Prometheus metrics, one `CollectorRegistry` per app so several apps in one process never clash.
 
-The base model's own linear head is labelled `base`; heads are labelled by their registry name.
+The base model's own linear head is labelled `base`; heads are labelled by their registry name,
+and only once the registry has resolved it: a request naming anything else is labelled `unknown`,
+so no client can add series. A deleted head's series are dropped. The request series are thus
+bounded by routes x (registered heads + 3: base, unknown, none) x statuses (docs/api.md).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BASE_LABEL = "base"
+UNKNOWN_LABEL = "unknown"  # a head the registry did not resolve (not registered, or not a valid name)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -48,10 +52,23 @@ class Metrics:
                                           "Requests dropped because their client went away (closed streams)",
                                           registry=r)
         self.queue_size = Gauge("headserve_queue_size", "Requests waiting for the engine worker", registry=r)
+        self._per_head = [(self.request_duration, ("route", "head", "status")),
+                          (self.requests_total, ("route", "head", "status")),
+                          (self.time_to_first_token, ("head",)), (self.inter_token_latency, ("head",)),
+                          (self.queue_wait, ("head",)), (self.generated_tokens, ("head", "decoder")),
+                          (self.head_loads_total, ("head",))]
 
     def observe_request(self, route: str, head: str, status: int, seconds: float) -> None:
         self.request_duration.labels(route=route, head=head, status=str(status)).observe(seconds)
         self.requests_total.labels(route=route, head=head, status=str(status)).inc()
+
+    def forget_head(self, head: str) -> None:
+        """Drop every series labelled with a deleted head, so the label values follow the registry."""
+        for metric, names in self._per_head:
+            stale = {tuple(sample.labels[n] for n in names) for family in metric.collect()
+                     for sample in family.samples if sample.labels.get("head") == head}
+            for values in stale:
+                metric.remove(*values)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,13 +9,42 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
+
+from server.schemas import MAX_PROMPT_CHARS, MAX_STOP_STRINGS, StopString
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 32  # prompts in one request; each becomes a job of the same batch
 MAX_TOP_LOGPROBS = 5  # OpenAI's limit for `logprobs`
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
+def _prompt_shape(prompt: Any) -> str:
+    """OpenAI's reading of `prompt`, decided by its JSON shape alone: a list of strings is many prompts,
+    a list of integers one tokenised prompt. Never by coercion, so `["12", "7"]` is never token ids."""
+    if not isinstance(prompt, list):
+        return "text"
+    if prompt and isinstance(prompt[0], str):
+        return "texts"
+    if prompt and isinstance(prompt[0], list):
+        return "token_id_lists"
+    return "token_ids"
+
+
+Prompt = Annotated[
+    Annotated[PromptText, Tag("text")]
+    | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS), Tag("texts")]
+    | Annotated[TokenIds, Tag("token_ids")]
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), Tag("token_id_lists")],
+    Discriminator(_prompt_shape),
+]
+Stop = Annotated[
+    Annotated[StopString, Tag("text")]
+    | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS), Tag("list")],
+    Discriminator(lambda stop: "list" if isinstance(stop, list) else "text"),
+]
 
 
 class StreamOptions(BaseModel):
@@ -27,14 +56,13 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, description='"base" or a head name (see GET /v1/models)')
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
-        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    prompt: Prompt
     max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0: greedy; default 1")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1, le=1000, description="extension, as in vLLM")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=8)] | None = None
+    stop: Stop | None = None  # the same bounds as /generate's (server.schemas)
     n: int = 1
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
@@ -46,13 +74,6 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted and ignored, as a tracking id
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, stop: Any) -> Any:
-        if isinstance(stop, str) and not stop:
-            raise ValueError("stop must not be an empty string")
-        return stop
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:

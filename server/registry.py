@@ -1,24 +1,27 @@
 """The head registry on disk: one folder per head under HEADS_DIR, the only source of truth.
 
-Nothing is cached here: every call lists or reads the folder, so heads copied in by hand (or
-written by `training/`) appear without a restart. Uploads are validated in memory before a byte
-touches the registry, then written to a hidden temporary folder and renamed into place, so a
-rejected or interrupted upload leaves the registry exactly as it was.
+Every call looks at the folder, so heads copied in by hand (or written by `training/`) appear
+without a restart. What the registry learns about one version of a head's files (its checked
+metadata, or why it cannot be served) is remembered under the files' stamp: listing parses only
+what changed, a bad folder is logged once rather than on every listing, and a head that failed to
+load stays refused until its files change. Writes follow `heads.folders`: the caller validates the
+files first, they are written into a hidden staged folder and swapped in with one rename under a
+lock every process writing to the folder shares; start-up removes what a crash left behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
-import shutil
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from heads import CONFIG_NAME, WEIGHTS_NAME, HeadError, HeadMetadata, load_head_bytes, read_metadata
-from heads.storage import replace_dir
+from heads import CONFIG_NAME, WEIGHTS_NAME, HeadError, HeadMetadata
+from heads.folders import recover, retire, staged, swap_in
+from heads.storage import MAX_CONFIG_BYTES, check_base, check_weights_size, parse_metadata, read_bounded, write_files
 from server.errors import HeadExistsError, HeadNotFoundError, HeadUnavailableError, InvalidHeadNameError
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,18 @@ class HeadStamp:
     """What identifies one version of a head's files: a replaced or edited head gets a new stamp."""
 
     config: tuple[int, int, int]  # (inode, mtime_ns, size)
-    weights: tuple[int, int, int]
+    weights: tuple[int, int, int] | None  # None: head.safetensors is missing
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """What the registry knows about one version of a head folder."""
+
+    name: str
+    stamp: HeadStamp | None  # None for an entry made from an upload just written
+    meta: HeadMetadata | None  # None when head_config.json itself is unusable
+    error: str | None  # why it cannot be served (files, base, or a failed load); None: ready
+    bytes: int  # the folder's files on disk
 
 
 def _stamp_of(path: Path) -> tuple[int, int, int]:
@@ -47,95 +61,155 @@ def _stamp_of(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(e.stat().st_size for e in os.scandir(folder) if e.is_file(follow_symlinks=False))
+
+
 class Registry:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._write_lock = threading.Lock()  # check-then-rename must not interleave between uploads
+        self._lock = threading.Lock()  # guards the dicts below
+        self._entries: dict[str, HeadEntry] = {}  # the latest verdict per name, keyed by its stamp
+        self._noticed: set[str] = set()  # folders that are not heads, logged once
+        self._base: tuple[str, int, int] | None = None  # fingerprint, vocab_size, n_embd of the base served
+        for done in recover(self.root):
+            log.warning("registry start-up: %s (left by an interrupted write)", done)
+
+    def bind_base(self, fingerprint: str, vocab_size: int, n_embd: int) -> None:
+        """From now on heads made for another base are listed invalid (the base is known once loaded)."""
+        with self._lock:
+            self._base = (fingerprint, vocab_size, n_embd)
+            self._entries.clear()
 
     def path(self, name: str) -> Path:
         return self.root / check_name(name)
 
     def names(self) -> list[str]:
-        """Sorted names of the folders that look like heads; hidden (temporary) folders are skipped."""
+        """Sorted names of the folders that hold a head_config.json; hidden (temporary) folders are skipped,
+        other folders are logged once."""
         found = []
-        for entry in self.root.iterdir():
-            if entry.name.startswith(".") or not NAME_RE.fullmatch(entry.name) or not entry.is_dir():
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            if (entry / CONFIG_NAME).is_file():
+            if not NAME_RE.fullmatch(entry.name):
+                self._notice(entry.name, "its name is not a valid head name (a-z, 0-9, '.', '_', '-')")
+            elif not os.path.isfile(os.path.join(entry.path, CONFIG_NAME)):
+                self._notice(entry.name, f"it holds no {CONFIG_NAME}")
+            else:
                 found.append(entry.name)
         return sorted(found)
 
-    def metadata(self, name: str) -> HeadMetadata:
-        """The head's checked config; 404 if absent, 409 if the folder is there but unreadable."""
-        folder = self.path(name)
-        if not (folder / CONFIG_NAME).is_file():
-            raise HeadNotFoundError(f"no head named {name!r}")
-        try:
-            return read_metadata(folder)
-        except FileNotFoundError:  # deleted or replaced while we looked
-            raise HeadNotFoundError(f"no head named {name!r}") from None
-        except HeadError as e:
-            reason = public_message(e, self.root)
-            raise HeadUnavailableError(f"head {name!r} in the registry is unusable: {reason}") from None
+    def _notice(self, folder: str, why: str) -> None:
+        with self._lock:
+            if folder in self._noticed:
+                return
+            self._noticed.add(folder)
+        log.warning("registry folder %r is not listed as a head: %s", folder, why)
 
-    def stamp(self, name: str) -> HeadStamp:
+    def inspect(self, name: str) -> HeadEntry:
+        """The head's entry, checked once per version of its files; HeadNotFoundError if there is none."""
         folder = self.path(name)
+        for _ in range(3):  # a replace or delete between two reads: look again
+            try:
+                stamp = self._stamp(folder)
+                with self._lock:
+                    cached = self._entries.get(name)
+                if cached is not None and cached.stamp == stamp:
+                    return cached
+                entry = self._check(name, folder, stamp)
+            except FileNotFoundError:
+                continue
+            with self._lock:
+                cached = self._entries.get(name)
+                if cached is not None and cached.stamp == stamp:
+                    return cached  # another request checked the same version meanwhile
+                self._entries[name] = entry
+            if entry.error is not None:
+                log.warning("head %r is listed as invalid: %s", name, entry.error)
+            return entry
+        with self._lock:
+            self._entries.pop(name, None)
+        raise HeadNotFoundError(f"no head named {name!r}")
+
+    def _stamp(self, folder: Path) -> HeadStamp:
+        config = _stamp_of(folder / CONFIG_NAME)  # FileNotFoundError: no head here
         try:
-            return HeadStamp(_stamp_of(folder / CONFIG_NAME), _stamp_of(folder / WEIGHTS_NAME))
+            weights: tuple[int, int, int] | None = _stamp_of(folder / WEIGHTS_NAME)
         except FileNotFoundError:
-            if (folder / CONFIG_NAME).is_file():
-                raise HeadUnavailableError(f"head {name!r} in the registry has no {WEIGHTS_NAME}") from None
-            raise HeadNotFoundError(f"no head named {name!r}") from None
+            weights = None
+        return HeadStamp(config, weights)
 
-    def size_bytes(self, name: str) -> int:
-        folder = self.path(name)
-        return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    def _check(self, name: str, folder: Path, stamp: HeadStamp) -> HeadEntry:
+        """Everything that can be known without reading the weights: config, sizes, and the base."""
+        size = _folder_bytes(folder)
+        try:
+            meta = parse_metadata(read_bounded(folder / CONFIG_NAME, MAX_CONFIG_BYTES))
+        except HeadError as e:
+            return HeadEntry(name, stamp, None, public_message(e, self.root), size)
+        except (PermissionError, IsADirectoryError) as e:
+            return HeadEntry(name, stamp, None, f"{CONFIG_NAME} cannot be read ({e.strerror})", size)
+        error = None
+        try:
+            if stamp.weights is None:
+                error = f"{WEIGHTS_NAME} is missing"
+            else:
+                check_weights_size(meta, stamp.weights[2])
+                if self._base is not None:
+                    fingerprint, vocab_size, n_embd = self._base
+                    check_base(meta, fingerprint=fingerprint, vocab_size=vocab_size, n_embd=n_embd)
+        except HeadError as e:
+            error = public_message(e, self.root)
+        return HeadEntry(name, stamp, meta, error, size)
 
-    def register(self, name: str, config_bytes: bytes, weights_bytes: bytes, *, fingerprint: str, vocab_size: int,
-                 n_embd: int, replace: bool) -> HeadMetadata:
-        """Validate the files against the base, then write them atomically under `name`.
+    def reject(self, entry: HeadEntry, reason: str) -> None:
+        """Remember that this version of the head failed to load (or to compute sane logits): it is listed
+        invalid and refused without another load until its files change."""
+        with self._lock:
+            if self._entries.get(entry.name) is not entry:  # the files changed meanwhile: the new ones get a try
+                return
+            self._entries[entry.name] = dataclasses.replace(entry, error=reason)
+        log.warning("head %r is listed as invalid: %s", entry.name, reason)
 
-        Raises HeadExistsError (name taken), and the heads library's HeadFormatError or
-        BaseMismatchError (bad files, other base) before anything is written.
+    def metadata(self, name: str) -> HeadMetadata:
+        """The head's checked config; 404 if absent, 409 if the folder is there but cannot be served."""
+        entry = self.inspect(name)
+        if entry.error is not None or entry.meta is None:
+            raise HeadUnavailableError(f"head {name!r} cannot be served: {entry.error}")
+        return entry.meta
+
+    def check_free(self, name: str, replace: bool) -> None:
+        """409 early for a taken name (`register` checks again under the lock)."""
+        if not replace and os.path.lexists(self.path(name)):
+            raise HeadExistsError(f"a head named {name!r} already exists; pass replace=true to overwrite it")
+
+    def register(self, name: str, config_bytes: bytes, weights_bytes: bytes, meta: HeadMetadata, *,
+                 replace: bool) -> HeadEntry:
+        """Write files the caller has validated (HeadCache.check_upload) under `name`, atomically.
+
+        Writers of one name are serialised by the registry lock, so each gets its write or a
+        HeadExistsError (replace=false on a taken name), and readers see the old or the new head.
         """
         target = self.path(name)
-        if target.exists() and not replace:
-            raise HeadExistsError(f"a head named {name!r} already exists; pass replace=true to overwrite it")
-        _, meta = load_head_bytes(config_bytes, weights_bytes, fingerprint=fingerprint, vocab_size=vocab_size,
-                                  n_embd=n_embd)
-        tmp = self.root / f".{name}.upload-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _write_synced(tmp / WEIGHTS_NAME, weights_bytes)
-            _write_synced(tmp / CONFIG_NAME, config_bytes)
-            with self._write_lock:
-                if target.exists() and not replace:
-                    raise HeadExistsError(f"a head named {name!r} already exists; pass replace=true to overwrite it")
-                replace_dir(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with staged(target, "upload") as tmp:
+            write_files(tmp, config_bytes, weights_bytes)
+            try:
+                swap_in(tmp, target, replace=replace)
+            except FileExistsError:
+                raise HeadExistsError(f"a head named {name!r} already exists; pass replace=true to overwrite it"
+                                      ) from None
         log.info("registered head %r (%s, %d weight bytes)", name, meta.head_type, len(weights_bytes))
-        return meta
+        return HeadEntry(name, None, meta, None, len(config_bytes) + len(weights_bytes))
 
     def delete(self, name: str) -> None:
-        """Remove the folder; it is renamed to a hidden name first so listings never see half of it."""
-        target = self.path(name)
-        with self._write_lock:
-            if not target.is_dir():
-                raise HeadNotFoundError(f"no head named {name!r}")
-            trash = self.root / f".{name}.deleted-{uuid.uuid4().hex[:8]}"
-            target.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        """Remove the folder: renamed out of sight in one step (under the writers' lock), then removed."""
+        try:
+            retire(self.path(name))
+        except FileNotFoundError:
+            raise HeadNotFoundError(f"no head named {name!r}") from None
+        with self._lock:
+            self._entries.pop(name, None)
         log.info("deleted head %r", name)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def public_message(error: Exception, root: Path) -> str:

@@ -12,7 +12,12 @@ DEFAULT_MAX_NEW_TOKENS = 64
 COMPARE_ALL = ("greedy", "top_k")
 
 HeadName = Annotated[str, Field(pattern=HEAD_NAME_PATTERN, description="[a-z0-9][a-z0-9._-]{0,63}")]
-StopString = Annotated[str, Field(min_length=1, max_length=64)]
+# Bounds shared by /generate and /v1, so a client gets the same limits on both routes. The character
+# cap only stops absurd bodies early; the real limit is MAX_PROMPT_TOKENS after formatting.
+MAX_PROMPT_CHARS = 100_000  # also the most token ids in one prompt
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class Strict(BaseModel):
@@ -34,13 +39,12 @@ class Decoding(Strict):
 
 
 class GenerateRequest(Strict):
-    # The character cap only stops absurd bodies early; the real limit is MAX_PROMPT_TOKENS after formatting.
-    prompt: str = Field(min_length=1, max_length=100_000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     head: HeadName | None = None
     # The upper bound is the MAX_NEW_TOKENS setting, checked by the route; left out, it is 64 or the setting if lower.
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
     decoding: Decoding = Field(default_factory=Decoding)
-    stop: list[StopString] | None = Field(default=None, max_length=8)
+    stop: list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     compare: bool | list[Literal["greedy", "top_k"]] = False
     raw: bool = False
     return_logprobs: bool = False
@@ -97,16 +101,20 @@ class GenerateResponse(BaseModel):
 
 class HeadSummary(BaseModel):
     name: str
-    type: str
-    task: str
+    # "invalid": the folder cannot be served (bad files, another base, or its logits failed the probe
+    # check); `error` says why, requests for it get 409, and fields its config cannot tell are null.
+    status: Literal["ready", "invalid"] = "ready"
+    error: str | None = None
+    type: str | None = None
+    task: str | None = None
     bytes: int
     resident: bool
-    prompt_template: str
-    base_model_name_or_path: str | None
-    base_fingerprint: str | None
-    created_at: str
-    config: dict[str, Any]
-    training: dict[str, Any]
+    prompt_template: str | None = None
+    base_model_name_or_path: str | None = None
+    base_fingerprint: str | None = None
+    created_at: str | None = None
+    config: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
 
 
 class HeadList(BaseModel):

@@ -1,22 +1,29 @@
-"""What the engine works on: a request (`GenerationJob`), its decode streams (`Sequence`) and the result.
+"""What the engine works on: a request (`GenerationJob`), its decode streams (`Sequence`) and the result,
+and how a job travels through the engine (`Pending` while queued, `Running` once admitted).
 
 A job becomes one `Sequence` for the answer plus one per comparison decode. Each sequence carries
 everything that makes it independent of its neighbours in a batch — its head, sampling settings,
 own random generator, stop conditions and its slot in the KV cache — so sequences of different
 requests and heads can share every forward pass and still give the output they would give alone.
+A sequence records only finite log-probabilities, so whatever it holds can always be sent as JSON.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from heads.sampling import SamplingParams
+from heads.sampling import NonFiniteLogitsError, SamplingParams
 from server.factored import FactoredHead
 from server.schemas import FinishReason
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,7 +60,13 @@ class Sequence:
         return self.finish_reason
 
     def append(self, token_id: int, logprob: float, now: float, tokenizer: object, eos_id: int | None) -> None:
-        """Record one token and decide whether the sequence ends here (EOS, a stop string, or length)."""
+        """Record one token and decide whether the sequence ends here (EOS, a stop string, or length).
+
+        Raises NonFiniteLogitsError, recording nothing, for a NaN or infinite log-probability: JSON has no
+        such numbers, and a stream that could not send its token would end without a word.
+        """
+        if not math.isfinite(logprob):
+            raise NonFiniteLogitsError([0])
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
         self.token_times.append(now)
@@ -72,6 +85,12 @@ class Sequence:
             self.finish_reason = FinishReason.length
         if self.finish_reason is not None:
             self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+
+    def add_top(self, ids: list[int], logprobs: list[float]) -> None:
+        """Record the last token's most likely alternatives; finite only, as `append`."""
+        if not all(math.isfinite(v) for v in logprobs):
+            raise NonFiniteLogitsError([0])
+        self.top.append(list(zip(ids, logprobs, strict=True)))
 
 
 @dataclass
@@ -99,3 +118,47 @@ class JobResult:
     started_at: float
     finished_at: float
     prompt_tokens: int = 0
+
+
+Settle = Callable[[JobResult | None, BaseException | None], None]
+
+
+@dataclass
+class Pending:
+    """A job with the way back to whoever waits for it."""
+
+    job: GenerationJob
+    settle: Settle  # called once, from the worker thread, with the result or the error
+    abandoned: Callable[[], bool] = lambda: False  # the caller stopped waiting: skip or drop the job
+    # Streaming callers: called from the worker after every step that gave the job new tokens, with its sequences.
+    progress: Callable[[list[Sequence]], None] | None = None
+
+    def answer(self, result: JobResult | None, error: BaseException | None) -> None:
+        """Settle; a caller's callback that fails must not cost anyone else their answer."""
+        try:
+            self.settle(result, error)
+        except Exception:
+            log.exception("a caller's settle callback failed")
+
+    def gone(self) -> bool:
+        """Whether the caller stopped waiting; a check that fails keeps the job (and the batch) going."""
+        try:
+            return self.abandoned()
+        except Exception:
+            log.exception("a caller's abandoned() check failed")
+            return False
+
+
+@dataclass
+class Running:
+    """An admitted job: its sequences are (or were) in the batch."""
+
+    pending: Pending
+    sequences: list[Sequence]
+    started_at: float
+    remaining: int = field(init=False)
+    # Set when one of its sequences fails: the job draws no more tokens, and leaves at the end of the step.
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.sequences)

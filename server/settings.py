@@ -1,18 +1,24 @@
-"""Server settings: environment variables with the `HEADSERVE_` prefix, overridable per app in tests."""
+"""Server settings: environment variables with the `HEADSERVE_` prefix, overridable per app in tests.
+
+Every value is checked when the settings are built, so a bad one stops the server at start-up
+instead of surfacing as a strange answer to the first request that needs it.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from heads.base import REPO_ROOT, default_base
 
 DEFAULT_MAX_PROMPT_TOKENS = 512
+LOOPBACK_NAMES = {"localhost"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -31,15 +37,45 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     max_new_tokens: int = Field(default=256, ge=1)  # upper bound a request may ask for
     max_prompt_tokens: int | None = Field(default=None, ge=1)  # None: 512; always capped by the base context
-    max_queue: int = Field(default=64, ge=0)  # requests waiting for the worker before 429
+    max_queue: int = Field(default=64, ge=1)  # requests waiting for the worker before 429
     max_batch_size: int = Field(default=32, ge=1)  # sequences per engine step (comparison decodes count)
     max_batch_tokens: int = Field(default=4096, ge=1)  # prompt + decode tokens per engine step
     head_cache_size: int = Field(default=8, ge=1)  # prepared heads kept on the device
     # A backward-attention head serves in factored form (KB resident, ms to load) until this use, then
     # its keys are materialised for the fastest decode; 1: materialise at load; 0: never.
     materialize_after: int = Field(default=2, ge=0)
-    admin_token: SecretStr | None = None  # when set, registering and deleting heads need it
+    # When set, registering and deleting heads need it; unset, they are allowed only on a loopback host.
+    admin_token: SecretStr | None = None
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)  # whole multipart body of POST /heads
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)  # any other request body (JSON routes): 413 above
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        return device
+
+    @field_validator("host")
+    @classmethod
+    def _host_given(cls, host: str) -> str:
+        if not host.strip():
+            raise ValueError("host must name an interface, e.g. 127.0.0.1 or 0.0.0.0")
+        return host.strip()
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_usable(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty token would lock every write out (a bearer token is never empty), and one with
+        # surrounding whitespace could never match the stripped header: refuse both up front.
+        if token is not None:
+            value = token.get_secret_value()
+            if not value or value != value.strip():
+                raise ValueError("admin_token must be non-empty without surrounding whitespace; unset it instead "
+                                 "of leaving it empty")
+        return token
 
     @model_validator(mode="after")
     def _half_precision_needs_cuda(self) -> Settings:
@@ -51,10 +87,27 @@ class Settings(BaseSettings):
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def listens_on_loopback(self) -> bool:
+        """Whether only this machine can reach the server (127.0.0.0/8, ::1, localhost): the one place
+        where registry writes without an admin token are safe."""
+        return is_loopback(self.host)
+
     def prompt_token_limit(self, n_positions: int) -> int:
         """Longest formatted prompt accepted: the setting (or 512), leaving the base room for one token."""
         wanted = self.max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
         return max(1, min(wanted, n_positions - 1))
+
+
+def is_loopback(host: str) -> bool:
+    """A host name or address that only this machine can reach; names other than `localhost` are not resolved."""
+    host = host.strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

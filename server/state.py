@@ -10,9 +10,9 @@ from fastapi import Depends, Request
 
 from heads.base import Base
 from server.engine import Engine
-from server.errors import AuthInvalidError, AuthMissingError, NotReadyError
+from server.errors import AuthInvalidError, AuthMissingError, NotReadyError, WritesDisabledError
 from server.head_cache import HeadCache
-from server.metrics import Metrics
+from server.metrics import BASE_LABEL, UNKNOWN_LABEL, Metrics
 from server.registry import Registry
 from server.settings import Settings
 
@@ -25,6 +25,7 @@ class Runtime:
     engine: Engine
     head_cache: HeadCache
     prompt_token_limit: int
+    prompt_char_limit: int  # longer prompts cannot fit prompt_token_limit (server.limits.prompt_char_limit)
     device: str
 
 
@@ -55,10 +56,18 @@ def resident_heads(request: Request) -> set[str]:
 
 
 def require_admin(request: Request) -> None:
-    """With ADMIN_TOKEN set, the caller must send `Authorization: Bearer <token>` (401 without, 403 wrong)."""
-    token = request.app.state.settings.admin_token
+    """With ADMIN_TOKEN set, the caller must send `Authorization: Bearer <token>` (401 without, 403 wrong).
+
+    Without it, writes are allowed only when the server listens on a loopback address, so a server
+    reachable from the network never takes anonymous registry writes (403).
+    """
+    settings: Settings = request.app.state.settings
+    token = settings.admin_token
     if token is None:
-        return
+        if settings.listens_on_loopback:
+            return
+        raise WritesDisabledError("registry writes are disabled: this server listens beyond loopback without an admin "
+                                  "token; its operator enables them by setting HEADSERVE_ADMIN_TOKEN")
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise AuthMissingError("this route needs an admin token: send 'Authorization: Bearer <token>'")
@@ -67,8 +76,23 @@ def require_admin(request: Request) -> None:
 
 
 def set_head_label(request: Request, label: str) -> None:
-    """Name the head for the request metrics (the middleware reads it after the response)."""
+    """Name the head for the request metrics (the middleware reads it after the response).
+
+    Only with `BASE_LABEL`, `UNKNOWN_LABEL` or a name the registry has just resolved: a label
+    taken from the request before that would let any client add series (see `label_head`).
+    """
     request.state.head_label = label
+
+
+def label_head(request: Request, registry: Registry, name: str | None) -> None:
+    """Resolve the head a request names (404/409/422 if the registry cannot) and only then label the
+    request with it; until then, and if it fails, the request is labelled `unknown`."""
+    if name is None:
+        set_head_label(request, BASE_LABEL)
+        return
+    set_head_label(request, UNKNOWN_LABEL)
+    registry.metadata(name)
+    set_head_label(request, name)
 
 
 # Annotated dependencies, so route signatures stay short and free of call defaults.

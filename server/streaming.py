@@ -8,7 +8,8 @@ stream's events, joined, is exactly the final `text` of the non-streaming answer
 `JobStream` submits one or more jobs together (an OpenAI request with a list of prompts) and
 yields their events in order. Closing it, or simply dropping it (a client that disconnected
 before the body started), marks its jobs abandoned; the engine frees their batch slots before
-its next step.
+its next step. A non-streaming handler waits with `results_unless_disconnected`, which closes the
+stream as soon as the client goes away, so a dropped connection frees its slots just as quickly.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from server.engine import Engine, Pending
+from starlette.types import Receive
+
+from server.engine import Engine
+from server.errors import ClientDisconnectedError
 from server.schemas import FinishReason
-from server.sequence import GenerationJob, JobResult, Sequence
+from server.sequence import GenerationJob, JobResult, Pending, Sequence
 
 MAIN_DECODER = "main"  # the `decoder` of a job's answer in stream events; comparisons keep their names
 
@@ -152,6 +156,29 @@ class JobStream:
     def _deliver(self, events: Iterable[StreamEvent]) -> None:
         for event in events:
             self._queue.put_nowait(event)
+
+
+async def results_unless_disconnected(stream: JobStream, receive: Receive) -> list[JobResult]:
+    """Every job's result, unless the client disconnects first (ASGI `receive` answers `http.disconnect`
+    once the request body has been read): then the stream is closed, the engine frees its slots before
+    its next step (and counts the request abandoned), and ClientDisconnectedError is raised."""
+    results = asyncio.ensure_future(stream.results())
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if results.done():
+            return results.result()
+        raise ClientDisconnectedError("the client disconnected before its answer was ready")
+    finally:
+        gone.cancel()
+        if not results.done():
+            results.cancel()
+            stream.close()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # nothing else can arrive once the body is read; ignore it if it does
 
 
 StreamRef = Callable[[], JobStream | None]

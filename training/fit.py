@@ -2,15 +2,16 @@
 
 Only the head trains (AdamW over its parameters); the base stays in eval mode without grad. The
 base's final hidden states are cached during the first epoch, so later epochs cost only the
-head. The head folder is written atomically at the end: Ctrl-C leaves the previous head or none.
+head. The head folder, loss curve included, is written atomically at the end: Ctrl-C leaves the
+previous head or none, and a head never changes after it became visible.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -28,6 +29,7 @@ from training.data import PROMPT_TEMPLATE, DataError, collate, encode, load_exam
 
 log = logging.getLogger("training.fit")
 Encoded = list[tuple[list[int], int]]
+LOSS_CURVE_NAME = "loss_curve.png"  # part of the head folder: it counts in the head's `bytes`
 
 
 @dataclass
@@ -90,7 +92,8 @@ def evaluate_loss(head: nn.Module, cache: HiddenCache, data: Encoded, batch_size
     return total / max(1, count)
 
 
-def plot_history(history: History, path: Path, title: str) -> None:
+def plot_history(history: History, title: str) -> bytes:
+    """The loss curve as PNG bytes, to be written with the head (`save_head(extra_files=...)`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,10 +106,10 @@ def plot_history(history: History, path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    return png.getvalue()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -222,8 +225,11 @@ def fit(args: argparse.Namespace) -> dict[str, object]:
             "held_out_perplexity": round(math.exp(val_loss), 4) if val_loss is not None else None,
         },
     }
-    save_head(head, args.out, base.info(), task=args.task, prompt_template=args.prompt_template, training=training)
-    plot_history(history, args.out / "loss_curve.png", f"{args.task} ({args.kind})")
+    # The curve is written with the head, in the same atomic swap: the folder never changes once visible,
+    # and its `bytes` (every file in it) are final from the first listing.
+    curve = plot_history(history, f"{args.task} ({args.kind})")
+    save_head(head, args.out, base.info(), task=args.task, prompt_template=args.prompt_template, training=training,
+              extra_files={LOSS_CURVE_NAME: curve})
     return training
 
 

@@ -14,15 +14,14 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from heads.folders import staged, swap_in
 from training import synth
 
 log = logging.getLogger("training.pretrain")
@@ -186,14 +185,20 @@ def main(argv: list[str] | None = None) -> None:
         "held_out": {"addition_accuracy": round(accuracy, 4), "addition_pairs_scored": len(pairs),
                      "test_problem_loss": round(test_loss, 4)},
     }
-    tmp = args.out.parent / f".{args.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    tmp.rename(args.out)
+    write_base(args.out, model, tokenizer, provenance)
     print(json.dumps(provenance["held_out"]))
+
+
+def write_base(out: Path, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast,
+               provenance: dict[str, object]) -> None:
+    """Write the whole base folder aside, then swap it in with one rename (`heads.folders`, as heads are):
+    the previous base stays until the new one replaces it, and a failure or Ctrl-C on the way leaves it
+    as it was, with no temporary folder behind."""
+    with staged(out, "tmp") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        swap_in(tmp, out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from fastapi.responses import StreamingResponse
 from heads.sampling import SamplingParams
 from server.errors import public_detail, status_for
 from server.jobs import JobRequest, build_job, check_max_new_tokens
-from server.metrics import BASE_LABEL
 from server.schemas import (
     DEFAULT_MAX_NEW_TOKENS,
     Comparison,
@@ -21,8 +20,8 @@ from server.schemas import (
 )
 from server.sequence import JobResult, Sequence
 from server.sse import SSE_HEADERS, sse_done, sse_event
-from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, set_head_label
-from server.streaming import JobDone, JobFailed, JobStream, TokenEvent
+from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head
+from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_unless_disconnected
 
 router = APIRouter(tags=["generate"])
 
@@ -36,7 +35,7 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep,
     if "max_new_tokens" not in body.model_fields_set:
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens)
     check_max_new_tokens(max_new_tokens, settings)
-    set_head_label(request, body.head or BASE_LABEL)
+    label_head(request, registry, body.head)  # 404 here for a head the registry does not hold
     d = body.decoding
     job, prompt = await build_job(JobRequest(
         prompt=body.prompt, head=body.head, raw=body.raw, max_new_tokens=max_new_tokens,
@@ -45,7 +44,7 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep,
         runtime, registry)
     stream = JobStream(runtime.engine, [job], tokens=body.stream)  # 429 here, before any byte is sent
     if not body.stream:
-        (result,) = await stream.results()
+        (result,) = await results_unless_disconnected(stream, request.receive)
         return _response(body, prompt, result, runtime)
     return StreamingResponse(_events(stream, body, prompt, runtime), media_type="text/event-stream",
                              headers=SSE_HEADERS)

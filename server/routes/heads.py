@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from server.errors import HeadNotFoundError, HeadUnavailableError, InvalidRequestError, UploadTooLargeError
-from server.registry import Registry, check_name
+from server.errors import HeadNotFoundError, InvalidRequestError, UploadTooLargeError
+from server.metrics import UNKNOWN_LABEL
+from server.registry import HeadEntry, check_name
 from server.schemas import HeadList, HeadSummary
-from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, require_admin, resident_heads, set_head_label
+from server.state import (
+    MetricsDep,
+    RegistryDep,
+    Runtime,
+    RuntimeDep,
+    SettingsDep,
+    require_admin,
+    resident_heads,
+    set_head_label,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["heads"])
@@ -21,10 +33,14 @@ router = APIRouter(tags=["heads"])
 FORM_FIELDS = {"name", "config", "weights"}
 
 
-def summarize(registry: Registry, name: str, resident: set[str]) -> HeadSummary:
-    meta = registry.metadata(name)
-    return HeadSummary(name=name, type=meta.head_type, task=meta.task, bytes=registry.size_bytes(name),
-                       resident=name in resident, prompt_template=meta.prompt_template,
+def summarize(entry: HeadEntry, resident: set[str]) -> HeadSummary:
+    """A ready head in full; an invalid one with its reason and whatever its config still tells."""
+    status: Literal["ready", "invalid"] = "ready" if entry.error is None else "invalid"
+    meta = entry.meta
+    if meta is None:
+        return HeadSummary(name=entry.name, status=status, error=entry.error, bytes=entry.bytes, resident=False)
+    return HeadSummary(name=entry.name, status=status, error=entry.error, type=meta.head_type, task=meta.task,
+                       bytes=entry.bytes, resident=entry.name in resident, prompt_template=meta.prompt_template,
                        base_model_name_or_path=meta.base_model_name_or_path, base_fingerprint=meta.base_fingerprint,
                        created_at=meta.created_at, config=meta.config, training=meta.training)
 
@@ -32,55 +48,64 @@ def summarize(registry: Registry, name: str, resident: set[str]) -> HeadSummary:
 @router.post("/heads", status_code=201, response_model=HeadSummary, dependencies=[Depends(require_admin)])
 async def register_head(request: Request, runtime: RuntimeDep, registry: RegistryDep, settings: SettingsDep,
                         replace: bool = False) -> HeadSummary:
-    """Validate the upload against the loaded base in memory, then write it atomically (201)."""
+    """Validate the upload in memory as a load would (files, sizes, base, logits on probe states), then
+    write it atomically (201). Nothing is written unless it passed; concurrent writers of one name are
+    serialised, each getting 201 or 409."""
     form = await _read_form(request, settings.max_upload_bytes)
     name = form.get("name")
     if not isinstance(name, str):
         raise InvalidRequestError("form field 'name' is required and must be text")
-    set_head_label(request, check_name(name))
+    set_head_label(request, UNKNOWN_LABEL)  # the name becomes a label once it is registered
+    registry.check_free(check_name(name), replace)
     files = {}
     for field in ("config", "weights"):
         upload = form.get(field)
         if not isinstance(upload, UploadFile):
             raise InvalidRequestError(f"form field {field!r} is required and must be a file")
         files[field] = await upload.read()
-    base = runtime.base
-    await run_in_threadpool(lambda: registry.register(name, files["config"], files["weights"],
-                                                      fingerprint=base.fingerprint, vocab_size=base.vocab_size,
-                                                      n_embd=base.n_embd, replace=replace))
+    meta = await asyncio.wrap_future(runtime.head_cache.check_upload(files["config"], files["weights"]))
+    entry = await run_in_threadpool(lambda: registry.register(name, files["config"], files["weights"], meta,
+                                                              replace=replace))
     runtime.head_cache.discard(name)  # a replaced head must never be served from its old copy
-    return summarize(registry, name, runtime.head_cache.resident())
+    set_head_label(request, name)
+    return summarize(entry, set())
 
 
 @router.get("/heads", response_model=HeadList)
 def list_heads(request: Request, registry: RegistryDep) -> HeadList:
-    """Every usable head on disk now (hand-copied ones included); broken folders are logged and skipped."""
+    """Every head on disk now (hand-copied ones included); one that cannot be served is listed `invalid`
+    with its reason (and logged once by the registry)."""
     resident = resident_heads(request)
     heads = []
     for name in registry.names():
         try:
-            heads.append(summarize(registry, name, resident))
+            heads.append(summarize(registry.inspect(name), resident))
         except HeadNotFoundError:  # deleted while we listed
             continue
-        except HeadUnavailableError as e:
-            log.warning("skipping %s", e)
     return HeadList(heads=heads)
 
 
 @router.get("/heads/{name}", response_model=HeadSummary)
 def get_head(name: str, request: Request, registry: RegistryDep) -> HeadSummary:
-    set_head_label(request, check_name(name))
-    return summarize(registry, name, resident_heads(request))
+    """The head's summary, 200 for an invalid one too (its `error` says why); 404 if there is none."""
+    set_head_label(request, UNKNOWN_LABEL)
+    entry = registry.inspect(check_name(name))
+    set_head_label(request, name)  # a folder of that name is in the registry
+    return summarize(entry, resident_heads(request))
 
 
 @router.delete("/heads/{name}", status_code=204, dependencies=[Depends(require_admin)])
-def delete_head(name: str, request: Request, registry: RegistryDep) -> Response:
-    """Remove the head from disk and the cache; a request already generating with it still finishes."""
-    set_head_label(request, check_name(name))
+def delete_head(name: str, request: Request, registry: RegistryDep, metrics: MetricsDep) -> Response:
+    """Remove the head from disk, the cache and the metrics; a request already generating with it still finishes.
+
+    The request itself stays labelled `unknown`: the name is no longer registered once it is answered.
+    """
+    set_head_label(request, UNKNOWN_LABEL)
     registry.delete(name)
     runtime: Runtime | None = request.app.state.runtime
     if runtime is not None:
         runtime.head_cache.discard(name)
+    metrics.forget_head(name)
     return Response(status_code=204)
 
 

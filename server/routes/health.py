@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from server.schemas import Readiness, Status
-from server.state import MetricsDep, RuntimeDep
+from server.state import MetricsDep, get_runtime
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", response_model=Status)
-def healthz() -> Status:
-    """200 while the process can answer at all, loading or not."""
+async def healthz() -> Status:
+    """200 while the process can answer at all, loading or not. Async, like /readyz: it needs no thread
+    from the shared pool, so a pool busy with slow work (uploads, tokenising) never delays it."""
     return Status(status="ok")
 
 
 @router.get("/readyz", response_model=Readiness)
-def readyz(runtime: RuntimeDep) -> Readiness:
-    """200 once the base is loaded and warmed up; `get_runtime` answers 503 before that."""
+async def readyz(request: Request) -> Readiness:
+    """200 once the base is loaded and warmed up; `get_runtime` answers 503 before that. (Called, not
+    declared as a dependency: FastAPI runs sync dependencies on the thread pool.)"""
+    runtime = get_runtime(request)
     base = runtime.base
     return Readiness(status="ready", base=base.info()["base_model_name_or_path"], base_fingerprint=base.fingerprint,
                      device=runtime.device)

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from heads.sampling import SamplingParams
 from server.errors import HeadNotFoundError, InvalidRequestError, public_detail, status_for
 from server.jobs import JobRequest, build_job, check_max_new_tokens
-from server.metrics import BASE_LABEL
+from server.metrics import UNKNOWN_LABEL
 from server.openai_schemas import (
     DEFAULT_MAX_TOKENS,
     Completion,
@@ -37,8 +37,8 @@ from server.registry import Registry
 from server.schemas import HEAD_NAME_PATTERN, FinishReason
 from server.sequence import JobResult, Sequence
 from server.sse import SSE_HEADERS, sse_done, sse_event
-from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, set_head_label
-from server.streaming import JobDone, JobFailed, JobStream, TokenEvent
+from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head, set_head_label
+from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_unless_disconnected
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 BASE_MODEL_ID = "base"
@@ -71,8 +71,12 @@ def get_model(model_id: str, runtime: RuntimeDep, registry: RegistryDep) -> Mode
                               "description": "JSON, or server-sent events with `stream: true`"}})
 async def completions(body: CompletionRequest, request: Request, runtime: RuntimeDep, registry: RegistryDep,
                       settings: SettingsDep) -> Completion | StreamingResponse:
+    set_head_label(request, UNKNOWN_LABEL)  # until the model resolves
     head = None if body.model == BASE_MODEL_ID else _head_name(body.model)
-    set_head_label(request, head or BASE_LABEL)
+    try:
+        label_head(request, registry, head)
+    except HeadNotFoundError:
+        raise _no_such_model(body.model) from None
     max_tokens = check_max_new_tokens(body.max_tokens or DEFAULT_MAX_TOKENS, settings)
     params = _sampling(body)
     top = body.logprobs or 0
@@ -88,7 +92,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
     completion_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     stream = JobStream(runtime.engine, jobs, tokens=body.stream)  # 429 here, before anything is sent
     if not body.stream:
-        results = await stream.results()
+        results = await results_unless_disconnected(stream, request.receive)
         choices = [_choice(i, r.main, body, runtime) for i, r in enumerate(results)]
         return Completion(id=completion_id, created=created, model=body.model, choices=choices,
                           usage=_usage(results))

@@ -177,9 +177,10 @@ def test_metrics_text(client: HeadserveClient) -> None:
 def test_queue_full_and_upload_too_large(tiny_base_dir: Path, tmp_path: Path) -> None:
     """A server with no queue room and a 1 KiB upload limit: 429 with Retry-After, and 413."""
     folder = make_head(tiny_base_dir, tmp_path / "big")
-    settings = Settings(base_model=str(tiny_base_dir), heads_dir=tmp_path / "heads", device="cpu", max_queue=0,
+    settings = Settings(base_model=str(tiny_base_dir), heads_dir=tmp_path / "heads", device="cpu", max_queue=1,
                         max_upload_bytes=1024)
     with serve(settings) as limited:
+        limited.app.state.runtime.engine.max_queue = 0  # type: ignore[attr-defined]  # MAX_QUEUE must be >= 1
         client = HeadserveClient(http=limited)
         with pytest.raises(QueueFullError) as info:
             client.generate("2 + 2?", max_new_tokens=2)

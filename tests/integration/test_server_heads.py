@@ -276,8 +276,13 @@ def test_heads_copied_by_hand_appear_without_restart(client: TestClient, base: B
     (heads_dir / "broken").mkdir()
     (heads_dir / "broken" / CONFIG_NAME).write_text("{oops")
     write_head(other_base, heads_dir / "foreign")
-    names = [h["name"] for h in client.get("/heads").json()["heads"]]
-    assert names == ["by-hand", "foreign"]  # sorted; the broken folder is skipped
+    listed = {h["name"]: h for h in client.get("/heads").json()["heads"]}
+    assert list(listed) == ["broken", "by-hand", "foreign"]  # sorted; the temporary folder is not a head
+    assert listed["by-hand"]["status"] == "ready" and listed["by-hand"]["error"] is None
+    assert listed["broken"]["status"] == "invalid" and "not valid JSON" in listed["broken"]["error"]
+    assert listed["broken"]["type"] is None and listed["broken"]["config"] is None
+    assert listed["foreign"]["status"] == "invalid" and base.fingerprint in listed["foreign"]["error"]
+    assert listed["foreign"]["type"] == "backward_attention"  # its config is fine: only the base differs
     r = client.post("/generate", json={"prompt": "1 + 1", "head": "by-hand", "max_new_tokens": 2})
     assert r.status_code == 200 and r.json()["tokens"] == 2
     r = client.post("/generate", json={"prompt": "1 + 1", "head": "foreign", "max_new_tokens": 2})

@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.sampling import SamplingParams, make_generator, sample, top_k_filter, top_p_filter
+from heads.sampling import (
+    TEMPERATURE_FLOOR,
+    NonFiniteLogitsError,
+    SamplingParams,
+    make_generator,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def logits_from_probs(probs: list[float]) -> torch.Tensor:
@@ -89,3 +97,54 @@ def test_top_1_and_tiny_top_p_are_greedy() -> None:
 def test_validate_names_the_bad_field(params: SamplingParams) -> None:
     with pytest.raises(ValueError, match="strategy|top_k|top_p|temperature"):
         params.validate()
+
+
+@pytest.mark.parametrize("strategy", ["top_k", "top_p"])
+def test_a_temperature_below_the_floor_is_greedy(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1e-38 would turn ordinary logits into inf; below TEMPERATURE_FLOOR the draw is the argmax, and its
+    log-probabilities are greedy's, without a draw (multinomial is never called)."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 5
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: pytest.fail("multinomial was called"))
+    greedy = sample(logits, SamplingParams())
+    for temperature in (1e-38, 5e-324, TEMPERATURE_FLOOR / 2):
+        params = SamplingParams(strategy=strategy, temperature=temperature)
+        assert params.is_greedy
+        ids, logprobs = sample(logits, params, make_generator(0))
+        assert torch.equal(ids, greedy[0]) and torch.equal(logprobs, greedy[1])
+        assert torch.isfinite(logprobs).all()
+    assert not SamplingParams(strategy=strategy, temperature=TEMPERATURE_FLOOR).is_greedy
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(strategy="top_k", top_k=5),
+                                    SamplingParams(strategy="top_p", top_p=0.9)])
+def test_non_finite_rows_are_named_and_never_reach_multinomial(params: SamplingParams,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(1))
+    logits[1, 3], logits[3, 0], logits[4, 7] = float("nan"), float("inf"), float("-inf")
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: pytest.fail("multinomial was called"))
+    with pytest.raises(NonFiniteLogitsError) as caught:
+        sample(logits, params, make_generator(0))
+    assert caught.value.rows == [1, 3, 4]
+
+
+def test_finite_logits_that_overflow_at_the_temperature_are_refused() -> None:
+    """Finite float32 logits of a runaway head become inf once divided by a small (allowed) temperature."""
+    logits = torch.tensor([[1e36, 0.0, -1e36], [1.0, 2.0, 3.0]])
+    assert torch.isfinite(sample(logits, SamplingParams(strategy="top_k", top_k=2), make_generator(0))[1]).all()
+    with pytest.raises(NonFiniteLogitsError) as caught:
+        sample(logits, SamplingParams(strategy="top_k", top_k=2, temperature=1e-3), make_generator(0))
+    assert caught.value.rows == [0]
+
+
+def test_half_precision_logits_are_sampled_in_float32() -> None:
+    """60000 / 0.5 overflows float16 (max 65504) but not float32: the draw must not see an inf."""
+    logits = torch.tensor([[60000.0, 59999.0, 0.0]], dtype=torch.float16)
+    ids, logprobs = sample(logits, SamplingParams(strategy="top_k", top_k=3, temperature=0.5), make_generator(0))
+    assert logprobs.dtype == torch.float32 and torch.isfinite(logprobs).all() and int(ids) in (0, 1)
+
+
+def test_finite_rows_whose_sum_overflows_are_still_drawn() -> None:
+    """The cheap per-row sum flags these; the exact check then clears them."""
+    logits = torch.tensor([[3e38, 3e38, 0.0], [0.0, 1.0, 2.0]])
+    ids, logprobs = sample(logits, SamplingParams())
+    assert ids.tolist() == [0, 2] and torch.isfinite(logprobs).all()
