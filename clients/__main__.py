@@ -105,11 +105,13 @@ def format_comparison(result: GenerateResult, width: int) -> str:
 def format_heads(heads: Sequence[HeadSummary]) -> str:
     if not heads:
         return "no heads"
-    header = ("NAME", "TYPE", "TASK", "BYTES", "RESIDENT", "CREATED")
-    rows = [header] + [(h.name, h.type, h.task or "-", str(h.bytes), "yes" if h.resident else "no",
+    header = ("NAME", "STATUS", "TYPE", "TASK", "BYTES", "RESIDENT", "CREATED")
+    rows = [header] + [(h.name, h.status, h.type or "-", h.task or "-", str(h.bytes), "yes" if h.resident else "no",
                         h.created_at or "-") for h in heads]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    reasons = [f"{h.name}: {h.error}" for h in heads if h.status != "ready" and h.error]
+    return table + ("\n\ninvalid heads (requests for them get 409):\n" + "\n".join(reasons) if reasons else "")
 
 
 def run(args: argparse.Namespace, client: HeadserveClient) -> None:

@@ -30,7 +30,7 @@ class UnauthorizedError(HeadserveError):
 
 
 class ForbiddenError(HeadserveError):
-    """403: the admin token was wrong."""
+    """403: the admin token was wrong, or registry writes are disabled (a server beyond loopback without a token)."""
 
 
 class HeadNotFoundError(HeadserveError):

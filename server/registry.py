@@ -23,10 +23,11 @@ from heads import CONFIG_NAME, WEIGHTS_NAME, HeadError, HeadMetadata
 from heads.folders import recover, retire, staged, swap_in
 from heads.storage import MAX_CONFIG_BYTES, check_base, check_weights_size, parse_metadata, read_bounded, write_files
 from server.errors import HeadExistsError, HeadNotFoundError, HeadUnavailableError, InvalidHeadNameError
+from server.schemas import HEAD_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+NAME_RE = re.compile(HEAD_NAME_PATTERN)  # the one rule for head names (server.schemas)
 
 
 def check_name(name: str) -> str:

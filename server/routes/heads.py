@@ -15,7 +15,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from server.errors import HeadNotFoundError, InvalidRequestError, UploadTooLargeError
 from server.metrics import UNKNOWN_LABEL
 from server.registry import HeadEntry, check_name
-from server.schemas import HeadList, HeadSummary
+from server.schemas import HEAD_NAME_PATTERN, HeadList, HeadSummary
 from server.state import (
     MetricsDep,
     RegistryDep,
@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["heads"])
 
 FORM_FIELDS = {"name", "config", "weights"}
+# The body is parsed by hand (bounded while it streams in), so FastAPI cannot infer it: declared here for
+# /docs, generated clients and the schema fuzz.
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["name", "config", "weights"], "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": HEAD_NAME_PATTERN, "description": "the head's name"},
+        "config": {"type": "string", "format": "binary", "description": "head_config.json"},
+        "weights": {"type": "string", "format": "binary", "description": "head.safetensors"},
+    }}}}}}
 
 
 def summarize(entry: HeadEntry, resident: set[str]) -> HeadSummary:
@@ -45,7 +54,8 @@ def summarize(entry: HeadEntry, resident: set[str]) -> HeadSummary:
                        created_at=meta.created_at, config=meta.config, training=meta.training)
 
 
-@router.post("/heads", status_code=201, response_model=HeadSummary, dependencies=[Depends(require_admin)])
+@router.post("/heads", status_code=201, response_model=HeadSummary, dependencies=[Depends(require_admin)],
+             openapi_extra=UPLOAD_BODY)
 async def register_head(request: Request, runtime: RuntimeDep, registry: RegistryDep, settings: SettingsDep,
                         replace: bool = False) -> HeadSummary:
     """Validate the upload in memory as a load would (files, sizes, base, logits on probe states), then

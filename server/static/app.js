@@ -34,7 +34,8 @@ async function loadHeads() {
   try {
     const response = await fetch("/heads");
     if (!response.ok) throw new Error((await response.json()).detail);
-    const { heads } = await response.json();
+    // A head the server cannot serve is listed "invalid" with its reason: not something to pick.
+    const heads = (await response.json()).heads.filter((head) => head.status === "ready");
     for (const head of heads) {
       const option = document.createElement("option");
       option.value = head.name;

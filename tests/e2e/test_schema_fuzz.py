@@ -24,7 +24,7 @@ from tests.e2e.serving import Server, serve
 from tests.e2e.test_server_process import make_head
 
 pytestmark = pytest.mark.slow
-EXAMPLES = 20  # per operation and mode: keeps the whole fuzz inside make test's budget on 2 cores
+EXAMPLES = 50  # per operation and mode: keeps the whole fuzz inside make test's budget on 2 cores
 
 
 def _openapi() -> dict[str, Any]:

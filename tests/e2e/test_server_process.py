@@ -221,7 +221,8 @@ def test_cli_generate(server: Server) -> None:
     assert done.stdout == expected.text + "\n"  # the streamed pieces spell the same answer
 
     done = run_cli(server, "heads")
-    assert done.returncode == 0 and done.stdout.split()[:6] == ["NAME", "TYPE", "TASK", "BYTES", "RESIDENT", "CREATED"]
+    assert done.returncode == 0 and done.stdout.split()[:7] == ["NAME", "STATUS", "TYPE", "TASK", "BYTES", "RESIDENT",
+                                                         "CREATED"]
     assert "math" in done.stdout
 
 

@@ -31,6 +31,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a de
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("web")
     shutil.copytree(REPO_ROOT / "registry", root / "heads")
+    (root / "heads" / "broken").mkdir()  # listed invalid by the server: never offered in the picker
+    (root / "heads" / "broken" / "head_config.json").write_text('{"head_type": "linear", "config": null}')
     with serve(REPO_ROOT / "models" / "mini-gpt2", root / "heads", root / "server.log") as running:
         yield running
 
@@ -55,6 +57,7 @@ def test_generate_fills_all_three_columns_as_the_server_decodes(page: Any, serve
                                                                   tmp_path: Path) -> None:
     page.wait_for_selector('#head option[value="math"]', state="attached")
     assert page.locator("#head").input_value() == "math"
+    assert page.locator('#head option[value="broken"]').count() == 0
     assert "base" in page.locator("#base-info").inner_text()
     page.fill("#prompt", "")
     page.locator("#prompt").press_sequentially(PROMPT)  # typed key by key, as a user would

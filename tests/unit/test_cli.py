@@ -53,12 +53,17 @@ def test_cli_generate_json_and_plain(cli_transport: Callable[[Recorder], None],
 def test_cli_heads_register_delete(cli_transport: Callable[[Recorder], None], head_folder: Path,
                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HEADSERVE_ADMIN_TOKEN", "from-env")
-    rec = Recorder(body={"heads": [SUMMARY]})
+    broken = {"name": "broken", "status": "invalid", "error": "head_config.json: 'config' must be an object",
+              "bytes": 10, "resident": False}
+    rec = Recorder(body={"heads": [SUMMARY, broken]})
     cli_transport(rec)
     assert main(["heads"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "TASK", "BYTES", "RESIDENT", "CREATED"]
-    assert lines[1].split() == ["math", "backward_attention", "math", "1234", "no", "2024-01-01T00:00:00+00:00"]
+    assert lines[0].split() == ["NAME", "STATUS", "TYPE", "TASK", "BYTES", "RESIDENT", "CREATED"]
+    assert lines[1].split() == ["math", "ready", "backward_attention", "math", "1234", "no",
+                                "2024-01-01T00:00:00+00:00"]
+    assert lines[2].split() == ["broken", "invalid", "-", "-", "10", "no", "-"]
+    assert lines[-1] == "broken: head_config.json: 'config' must be an object"
 
     rec.status, rec.body = 201, SUMMARY
     assert main(["register", str(head_folder), "--name", "math", "--replace"]) == 0
