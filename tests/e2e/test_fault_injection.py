@@ -133,12 +133,13 @@ def test_tiny_temperatures_decode_greedily(server: Server) -> None:
 
 
 def test_an_overflowing_head_is_refused_with_its_reason(server: Server) -> None:
+    """Its files are fine, so the first load finds it out (probe logits) and the listing says so from then on."""
+    status, answer = call(server.url, "/generate", {"prompt": "2 + 2 =", "head": "overflow"})
+    assert status == 409 and "overflow" in answer["detail"]
     with server.client() as client:
         listed = {h.name: h for h in client.list_heads()}
     assert listed["math"].status == "ready"
     assert listed["overflow"].status == "invalid" and listed["overflow"].error
-    status, answer = call(server.url, "/generate", {"prompt": "2 + 2 =", "head": "overflow"})
-    assert status == 409 and "overflow" in answer["detail"]
 
 
 def test_clients_that_go_away_free_their_slots(server: Server) -> None:
