@@ -12,10 +12,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from heads import BackwardAttentionHead
 
 EOS_TOKEN = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
@@ -142,7 +145,7 @@ def ensure_base(n_layer: int = 12, cache_dir: Path = DEFAULT_CACHE, log: Any = p
     return folder
 
 
-def make_head(vocab_size: int, n_embd: int, seed: int = HEAD_SEED) -> nn.Module:
+def make_head(vocab_size: int, n_embd: int, seed: int = HEAD_SEED) -> BackwardAttentionHead:
     """A math-shaped backward-attention head with a small random query (not the identity-with-base start)."""
     from heads import BackwardAttentionConfig, BackwardAttentionHead
 

@@ -31,7 +31,10 @@ def hf_generate_loop(base_dir: Path, prompts: Sequence[str], max_new_tokens: int
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[dtype]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[dtype])
+    # Called through nn.Module's type: mypy misreads PreTrainedModel.to, wrapped by functools.wraps (python/mypy#17166).
+    module: torch.nn.Module = model
+    module.to(device).eval()
     pad = tokenizer.eos_token_id
 
     def one(prompt: str) -> int:

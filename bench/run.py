@@ -101,8 +101,8 @@ async def server_scenarios(url: str, s: BenchSettings, prompts: list[str], templ
     n = s.max_new_tokens
     async with AsyncHeadserveClient(url, timeout=600.0) as client:
         async def batch(requests: list[Request], concurrency: int) -> BatchResult:
-            result, result.server_metrics = await with_metrics(client, lambda: run_batch(client, requests,
-                                                                                         concurrency, n))
+            result, metrics = await with_metrics(client, lambda: run_batch(client, requests, concurrency, n))
+            result.server_metrics = metrics
             return result
 
         # Load the mixed heads and pay first-call costs before timing. The second use of a head makes
@@ -132,7 +132,7 @@ def prepare_fixtures(s: BenchSettings, workdir: Path) -> tuple[Path, Path, Path,
     """Base folder, heads (4 mixed + N for the many-heads run), prompts, and the per-head memory numbers."""
     from heads import WEIGHTS_NAME, load_head
     from heads.base import load_base
-    from server.factored import FactoredHead, SharedNorms
+    from server.factored import FactoredHead, SharedNorms, factorable
 
     base_dir = fixtures.ensure_base(s.n_layer, log=_log)
     base = load_base(str(base_dir), device=s.device, dtype=DTYPES[s.dtype])
@@ -141,11 +141,13 @@ def prepare_fixtures(s: BenchSettings, workdir: Path) -> tuple[Path, Path, Path,
     template = fixtures.write_heads(heads_dir, base.info(), base.vocab_size, base.n_embd, names)
     head, _ = load_head(heads_dir / MIX_HEADS[0], fingerprint=base.fingerprint, vocab_size=base.vocab_size,
                         n_embd=base.n_embd)
+    if not factorable(head):  # fixtures.make_head writes "logits"-weighting backward-attention heads
+        raise TypeError(f"the bench's heads must factor; {MIX_HEADS[0]} is a {head.head_type} head")
     n_params = sum(p.numel() for p in head.parameters())
     head.to(base.device)  # as the server does: head weights stay float32
-    factored = FactoredHead(head, SharedNorms(base.embeddings))  # type: ignore[arg-type]
+    factored = FactoredHead(head, SharedNorms(base.embeddings))
     factored_bytes = fixtures.resident_head_bytes(head, base.embeddings) + factored.resident_bytes()
-    head.prepare(base.embeddings)  # type: ignore[operator]
+    head.prepare(base.embeddings)
     tensors = fixtures.resident_head_tensors(head, base.embeddings)
     memory = {"bytes_per_resident_head": sum(tensors.values()), "bytes_per_factored_head": factored_bytes,
               "bytes_per_head_on_disk": (template / WEIGHTS_NAME).stat().st_size,

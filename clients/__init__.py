@@ -4,7 +4,8 @@
 from clients import HeadserveClient
 
 with HeadserveClient("http://127.0.0.1:8000") as client:
-    result = client.generate("What is 12 + 7?", head="math", compare=True)
+    result = client.generate("Hana gets 4 bags with 32 apples each, uses 33 of them, then gets 10 more. "
+                             "How many apples does Hana have?", head="math", compare=True, stop=["\n"])
     print(result.text, result.finish_reason, [c.text for c in result.comparisons or []])
 ```
 """

@@ -1,6 +1,7 @@
 """`python -m clients`: generate, register, list and delete heads on a headserve server.
 
-    python -m clients generate --head math "What is 12 + 7?" --compare
+    python -m clients generate --head math --compare --stop $'\n' \
+        "Hana gets 4 bags with 32 apples each, uses 33 of them, then gets 10 more. How many apples does Hana have?"
     python -m clients register registry/math --name math2 --replace
     python -m clients heads
     python -m clients delete math2
@@ -47,15 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate text with a head (or the base's own LM head)")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="a problem; the head's prompt_template wraps it unless --raw")
     gen.add_argument("--head", help="head name (default: the base's linear LM head)")
-    gen.add_argument("--max-new-tokens", type=int)
-    gen.add_argument("--strategy", choices=["greedy", "top_k", "top_p"])
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (default: the server's, 64)")
+    gen.add_argument("--strategy", choices=["greedy", "top_k", "top_p"], help="how the head's tokens are chosen "
+                     "(default: greedy)")
+    gen.add_argument("--top-k", type=int, help="k for top_k and for the top-k comparison (default: 50)")
+    gen.add_argument("--top-p", type=float, help="nucleus mass for top_p (default: 0.9)")
+    gen.add_argument("--temperature", type=float, help="for the sampling strategies (default: 1.0)")
+    gen.add_argument("--seed", type=int, help="same seed, same text (default: a fresh one per request)")
+    gen.add_argument("--stop", action="append", help="stop string, not returned (repeatable; in bash $'\\n' is a "
+                     "newline)")
     gen.add_argument("--compare", action="store_true", help="also decode with the base's linear head, greedy and top-k")
     gen.add_argument("--raw", action="store_true", help="send the prompt verbatim, without the head's template")
     gen.add_argument("--json", action="store_true", help="print the full response as JSON")

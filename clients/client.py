@@ -11,7 +11,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -32,6 +32,7 @@ CompareDecoder = Literal["greedy", "top_k"]
 TimeoutTypes = float | httpx.Timeout | None
 
 _UNSET: Any = object()  # "not given", distinct from timeout=None (no timeout)
+R = TypeVar("R")  # what a call's answer parses to
 
 
 class SyncHTTP(Protocol):
@@ -68,12 +69,12 @@ class AsyncHTTP(Protocol):
 
 
 @dataclass(frozen=True)
-class _Call:
+class _Call(Generic[R]):
     """One HTTP exchange, described independently of sync/async I/O."""
 
     method: str
     path: str
-    parse: Callable[[Any], Any]  # the 2xx httpx.Response -> the typed result
+    parse: Callable[[Any], R]  # the 2xx httpx.Response -> the typed result
     json: Any = None
     params: dict[str, str] | None = None
     data: dict[str, str] | None = None
@@ -113,16 +114,16 @@ def _head_path(name: str) -> str:
     return "/heads/" + quote(name, safe="")
 
 
-def _stream_call(prompt: str, head: str | None, **options: Any) -> _Call:
+def _stream_call(prompt: str, head: str | None, **options: Any) -> _Call[None]:
     return _Call("POST", "/generate", lambda r: None, json={**_generate_body(prompt, head, **options), "stream": True})
 
 
-def _generate_call(prompt: str, head: str | None, **options: Any) -> _Call:
+def _generate_call(prompt: str, head: str | None, **options: Any) -> _Call[GenerateResult]:
     return _Call("POST", "/generate", lambda r: GenerateResult.from_json(r.json()),
                  json=_generate_body(prompt, head, **options))
 
 
-def _register_call(head_dir: str | os.PathLike[str], name: str | None, replace: bool) -> _Call:
+def _register_call(head_dir: str | os.PathLike[str], name: str | None, replace: bool) -> _Call[HeadSummary]:
     folder = Path(head_dir)
     files: dict[str, tuple[str, bytes, str]] = {}
     for field, filename, mime in (("config", CONFIG_NAME, "application/json"),
@@ -136,27 +137,27 @@ def _register_call(head_dir: str | os.PathLike[str], name: str | None, replace: 
                  params={"replace": "true"} if replace else None)
 
 
-def _list_heads_call() -> _Call:
+def _list_heads_call() -> _Call[list[HeadSummary]]:
     return _Call("GET", "/heads", lambda r: [HeadSummary.from_json(h) for h in r.json()["heads"]])
 
 
-def _get_head_call(name: str) -> _Call:
+def _get_head_call(name: str) -> _Call[HeadSummary]:
     return _Call("GET", _head_path(name), lambda r: HeadSummary.from_json(r.json()))
 
 
-def _delete_head_call(name: str) -> _Call:
+def _delete_head_call(name: str) -> _Call[None]:
     return _Call("DELETE", _head_path(name), lambda r: None)
 
 
-def _health_call() -> _Call:
+def _health_call() -> _Call[dict[str, Any]]:
     return _Call("GET", "/healthz", lambda r: r.json())
 
 
-def _ready_call() -> _Call:
+def _ready_call() -> _Call[Readiness]:
     return _Call("GET", "/readyz", lambda r: Readiness.from_json(r.json()))
 
 
-def _metrics_call() -> _Call:
+def _metrics_call() -> _Call[str]:
     return _Call("GET", "/metrics", lambda r: r.text)
 
 
@@ -177,7 +178,7 @@ class _ClientBase:
         """Settings for the httpx client we create (and close) ourselves."""
         return {"base_url": base_url or DEFAULT_URL, "timeout": DEFAULT_TIMEOUT if timeout is _UNSET else timeout}
 
-    def _request_kwargs(self, call: _Call) -> dict[str, Any]:
+    def _request_kwargs(self, call: _Call[Any]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"json": call.json, "params": call.params, "data": call.data, "files": call.files}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if self._token:
@@ -189,7 +190,7 @@ class _ClientBase:
         return HeadserveConnectionError(f"{what} {self.base_url}: {exc or type(exc).__name__}")
 
     @staticmethod
-    def _finish(call: _Call, response: Any) -> Any:
+    def _finish(call: _Call[R], response: Any) -> R:
         """Raise the typed error of a non-2xx answer, else parse it (`response` is an httpx.Response or alike)."""
         if response.status_code >= 400:
             raise error_for(response)
@@ -204,7 +205,7 @@ class HeadserveClient(_ClientBase):
         super().__init__(base_url, token, timeout, http)
         self._http: SyncHTTP = http if http is not None else httpx.Client(**self._client_kwargs(base_url, timeout))
 
-    def _send(self, call: _Call) -> Any:
+    def _send(self, call: _Call[R]) -> R:
         try:
             response = self._http.request(call.method, self._prefix + call.path, **self._request_kwargs(call))
         except httpx.TransportError as e:
@@ -217,7 +218,7 @@ class HeadserveClient(_ClientBase):
                  compare: bool | CompareDecoder | Sequence[CompareDecoder] = False, raw: bool = False,
                  return_logprobs: bool = False, ignore_eos: bool = False) -> GenerateResult:
         """Generate with `head` (None: the base's own LM head); `compare` adds the base's linear decodes."""
-        return self._send(_generate_call(  # type: ignore[no-any-return]
+        return self._send(_generate_call(
             prompt, head, max_new_tokens=max_new_tokens, strategy=strategy, top_k=top_k, top_p=top_p,
             temperature=temperature, seed=seed, stop=stop, compare=compare, raw=raw, return_logprobs=return_logprobs,
             ignore_eos=ignore_eos))
@@ -246,27 +247,27 @@ class HeadserveClient(_ClientBase):
     def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                       replace: bool = False) -> HeadSummary:
         """Upload a head folder under `name` (default: the folder's name); `replace` overwrites an existing one."""
-        return self._send(_register_call(head_dir, name, replace))  # type: ignore[no-any-return]
+        return self._send(_register_call(head_dir, name, replace))
 
     def list_heads(self) -> list[HeadSummary]:
-        return self._send(_list_heads_call())  # type: ignore[no-any-return]
+        return self._send(_list_heads_call())
 
     def get_head(self, name: str) -> HeadSummary:
-        return self._send(_get_head_call(name))  # type: ignore[no-any-return]
+        return self._send(_get_head_call(name))
 
     def delete_head(self, name: str) -> None:
         self._send(_delete_head_call(name))
 
     def health(self) -> dict[str, Any]:
-        return self._send(_health_call())  # type: ignore[no-any-return]
+        return self._send(_health_call())
 
     def ready(self) -> Readiness:
         """The server's readiness; raises NotReadyError (503) until the base is loaded and warmed up."""
-        return self._send(_ready_call())  # type: ignore[no-any-return]
+        return self._send(_ready_call())
 
     def metrics_text(self) -> str:
         """`GET /metrics` in Prometheus text format."""
-        return self._send(_metrics_call())  # type: ignore[no-any-return]
+        return self._send(_metrics_call())
 
     def close(self) -> None:
         if self._owns_http:
@@ -288,7 +289,7 @@ class AsyncHeadserveClient(_ClientBase):
         self._http: AsyncHTTP = (http if http is not None
                                  else httpx.AsyncClient(**self._client_kwargs(base_url, timeout)))
 
-    async def _send(self, call: _Call) -> Any:
+    async def _send(self, call: _Call[R]) -> R:
         try:
             response = await self._http.request(call.method, self._prefix + call.path, **self._request_kwargs(call))
         except httpx.TransportError as e:
@@ -301,7 +302,7 @@ class AsyncHeadserveClient(_ClientBase):
                        stop: str | Sequence[str] | None = None,
                        compare: bool | CompareDecoder | Sequence[CompareDecoder] = False, raw: bool = False,
                        return_logprobs: bool = False, ignore_eos: bool = False) -> GenerateResult:
-        return await self._send(_generate_call(  # type: ignore[no-any-return]
+        return await self._send(_generate_call(
             prompt, head, max_new_tokens=max_new_tokens, strategy=strategy, top_k=top_k, top_p=top_p,
             temperature=temperature, seed=seed, stop=stop, compare=compare, raw=raw, return_logprobs=return_logprobs,
             ignore_eos=ignore_eos))
@@ -325,25 +326,25 @@ class AsyncHeadserveClient(_ClientBase):
 
     async def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                             replace: bool = False) -> HeadSummary:
-        return await self._send(_register_call(head_dir, name, replace))  # type: ignore[no-any-return]
+        return await self._send(_register_call(head_dir, name, replace))
 
     async def list_heads(self) -> list[HeadSummary]:
-        return await self._send(_list_heads_call())  # type: ignore[no-any-return]
+        return await self._send(_list_heads_call())
 
     async def get_head(self, name: str) -> HeadSummary:
-        return await self._send(_get_head_call(name))  # type: ignore[no-any-return]
+        return await self._send(_get_head_call(name))
 
     async def delete_head(self, name: str) -> None:
         await self._send(_delete_head_call(name))
 
     async def health(self) -> dict[str, Any]:
-        return await self._send(_health_call())  # type: ignore[no-any-return]
+        return await self._send(_health_call())
 
     async def ready(self) -> Readiness:
-        return await self._send(_ready_call())  # type: ignore[no-any-return]
+        return await self._send(_ready_call())
 
     async def metrics_text(self) -> str:
-        return await self._send(_metrics_call())  # type: ignore[no-any-return]
+        return await self._send(_metrics_call())
 
     async def aclose(self) -> None:
         if self._owns_http:

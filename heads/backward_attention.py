@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.registry import register_head
+from heads.registry import HeadModule, register_head
 
 WEIGHTINGS = ("logits", "probs")
 MAX_WIDTH_PER_EMBD = 4  # latent_dim and num_heads * head_dim may be at most this many times the base's width
@@ -95,8 +95,9 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-class BackwardAttentionHead(nn.Module):
+class BackwardAttentionHead(HeadModule):
     head_type = "backward_attention"
+    config: BackwardAttentionConfig
 
     def __init__(self, config: BackwardAttentionConfig | None = None, *, vocab_size: int, n_embd: int) -> None:
         super().__init__()
@@ -203,9 +204,13 @@ class BackwardAttentionHead(nn.Module):
         if self._fold is not None:
             q = hidden_last @ self._fold  # (B, H*d)
         else:
+            assert z is not None and self._value_cache is not None  # "probs": prepare() kept values and embeddings
             q = self.query(F.softmax(z, dim=-1) @ self._value_cache)  # (B, H*d)
         s = q @ self._key_cache.T  # (B, V)
-        return s + self.alpha * z if self.alpha is not None else s
+        if self.alpha is None:
+            return s
+        assert z is not None  # the residual: prepare() kept the embeddings
+        return s + self.alpha * z
 
     def release(self) -> None:
         """Drop the inference caches (the training loop calls this after an optimiser step)."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Config keys that change what the final hidden states mean; anything else (dropout, ids) does not.
 FINGERPRINT_CONFIG_KEYS = ("model_type", "vocab_size", "n_embd", "hidden_size", "n_layer", "num_hidden_layers",
@@ -28,6 +30,9 @@ def base_fingerprint(embeddings: torch.Tensor, config: dict[str, Any]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: PreTrainedModel) -> str:
     """Fingerprint of a Hugging Face causal LM (anything with `config` and input embeddings)."""
-    return base_fingerprint(model.get_input_embeddings().weight, model.config.to_dict())  # type: ignore[operator]
+    embeddings = model.get_input_embeddings().weight
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"{type(model).__name__}: its input embeddings have no weight matrix to fingerprint")
+    return base_fingerprint(embeddings, model.config.to_dict())

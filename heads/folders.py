@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,7 +48,7 @@ LEFTOVER_RE = re.compile(r"\.(?P<name>[^/]+)\.(?P<kind>tmp|upload|old|deleted)-[
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
-def _load_renameat2() -> object | None:
+def _load_renameat2() -> Callable[..., int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # not glibc >= 2.28 (or not Linux): the fallback below
@@ -69,7 +69,7 @@ def rename2(src: Path, dst: Path, flags: int) -> None:
     """renameat2(2); RenameUnsupported where the flag cannot work here, OSError for anything else."""
     if _renameat2 is None:
         raise RenameUnsupported("renameat2 is not available")
-    if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:  # type: ignore[operator]
+    if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
         err = ctypes.get_errno()
         if err in _UNSUPPORTED:
             raise RenameUnsupported(os.strerror(err))

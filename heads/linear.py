@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from heads.registry import register_head
+from heads.registry import HeadModule, register_head
 
 
 @dataclass
@@ -23,8 +23,9 @@ class LinearConfig:
         return vocab_size * n_embd + (vocab_size if self.bias else 0)
 
 
-class LinearHead(nn.Module):
+class LinearHead(HeadModule):
     head_type = "linear"
+    config: LinearConfig
 
     def __init__(self, config: LinearConfig | None = None, *, vocab_size: int, n_embd: int) -> None:
         super().__init__()
@@ -54,8 +55,8 @@ class LinearHead(nn.Module):
         """Nothing to cache: the weights already are the folded form."""
 
     @torch.no_grad()
-    def decode(self, hidden_last: Tensor) -> Tensor:
-        """(B, D) -> (B, V)."""
+    def decode(self, hidden_last: Tensor, base_logits: Tensor | None = None) -> Tensor:
+        """(B, D) -> (B, V); the base's logits are no input of this head (`accepts_base_logits` is False)."""
         return self.proj(hidden_last.to(self.proj.weight.dtype))
 
     def release(self) -> None:

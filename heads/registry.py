@@ -1,17 +1,21 @@
-"""Head kinds register themselves here; loaders look a kind up instead of branching on names."""
+"""Head kinds register themselves here against one contract (`HeadModule`); loaders look a kind up instead of
+branching on names."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from abc import ABC, abstractmethod
+from dataclasses import Field, dataclass
+from typing import Any, ClassVar, Protocol
 
-from torch import nn
+from torch import Tensor, nn
 
 from heads.errors import UnknownHeadTypeError
 
 
 class HeadConfig(Protocol):
     """What every head kind's config (a dataclass built from head_config.json) offers before any tensor exists."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # a dataclass: head_config.json stores `asdict(config)`
 
     def validate(self) -> None:
         """Raise ValueError naming the first field of the wrong type or value."""
@@ -20,21 +24,57 @@ class HeadConfig(Protocol):
         """Parameters the config implies on a (V, D) base; ValueError past the kind's size bounds."""
 
 
+class HeadModule(nn.Module, ABC):
+    """The head contract (DESIGN.md): all that training, storage and serving may ask of a head of any kind.
+
+    `forward` is the reference, used for training; `prepare` + `decode` is the serving path and must
+    give the same logits (a test per kind proves it). Attributes are declared here because
+    `nn.Module.__getattr__` would otherwise type every one of them as `Tensor | Module`.
+    """
+
+    head_type: ClassVar[str]  # the registered kind; register_head sets it
+    config: HeadConfig  # the kind's own config dataclass
+    vocab_size: int  # V of the base the head was built for
+    n_embd: int  # D of the base the head was built for
+
+    @abstractmethod
+    def forward(self, hidden: Tensor, embeddings: Tensor) -> Tensor:
+        """(B, T, D) final hidden states and the base's (V, D) embeddings -> (B, T, V) logits."""
+
+    @abstractmethod
+    def prepare(self, embeddings: Tensor) -> None:
+        """Build whatever `decode` caches from the weights and the base's embeddings."""
+
+    @abstractmethod
+    def decode(self, hidden_last: Tensor, base_logits: Tensor | None = None) -> Tensor:
+        """(B, D) last hidden states -> (B, V) logits, equal to `forward` on the same rows. A caller that has
+        the base's own (B, V) logits of the rows may pass them when `accepts_base_logits` says they are used."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Drop what `prepare` cached."""
+
+    @property
+    def accepts_base_logits(self) -> bool:
+        """Whether `decode` uses the base's logits, so that a caller that has them saves the head a V x D product."""
+        return False
+
+
 @dataclass(frozen=True)
 class HeadType:
     name: str
     config_cls: type[Any]
-    module_cls: type[nn.Module]
+    module_cls: type[HeadModule]
 
 
 _HEAD_TYPES: dict[str, HeadType] = {}
 
 
-def register_head(name: str, config_cls: type[Any], module_cls: type[nn.Module]) -> None:
+def register_head(name: str, config_cls: type[Any], module_cls: type[HeadModule]) -> None:
     if name in _HEAD_TYPES and _HEAD_TYPES[name].module_cls is not module_cls:
         raise ValueError(f"head type {name!r} is already registered to {_HEAD_TYPES[name].module_cls.__name__}")
     _HEAD_TYPES[name] = HeadType(name, config_cls, module_cls)
-    module_cls.head_type = name  # type: ignore[attr-defined]
+    module_cls.head_type = name
 
 
 def get_head_type(name: str) -> HeadType:

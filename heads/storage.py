@@ -29,7 +29,7 @@ from torch import nn
 
 from heads.errors import BaseMismatchError, HeadError, HeadFormatError
 from heads.folders import staged, swap_in, sync_dir
-from heads.registry import get_head_type
+from heads.registry import HeadModule, get_head_type
 
 CONFIG_NAME = "head_config.json"
 WEIGHTS_NAME = "head.safetensors"
@@ -78,7 +78,7 @@ def config_from_dict(config_cls: type[Any], data: Mapping[str, Any], source: str
     return config
 
 
-def save_head(head: nn.Module, out_dir: str | os.PathLike[str], base_info: Mapping[str, Any] | None = None, *,
+def save_head(head: HeadModule, out_dir: str | os.PathLike[str], base_info: Mapping[str, Any] | None = None, *,
               task: str = "", prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
               training: Mapping[str, Any] | None = None,
               extra_files: Mapping[str, bytes] | None = None) -> HeadMetadata:
@@ -251,7 +251,7 @@ def check_weights_size(meta: HeadMetadata, size: int, source: str = WEIGHTS_NAME
                               f"take at most {limit} bytes")
 
 
-def build_head(meta: HeadMetadata) -> nn.Module:
+def build_head(meta: HeadMetadata) -> HeadModule:
     """An untrained module of the kind and shape the metadata describes (its sizes already bounded)."""
     kind = get_head_type(meta.head_type)
     config = config_from_dict(kind.config_cls, meta.config)
@@ -293,7 +293,7 @@ def check_base(meta: HeadMetadata, *, fingerprint: str | None, vocab_size: int |
 
 
 def load_head_bytes(config_bytes: bytes, weights_bytes: bytes, *, fingerprint: str | None = None,
-                    vocab_size: int | None = None, n_embd: int | None = None) -> tuple[nn.Module, HeadMetadata]:
+                    vocab_size: int | None = None, n_embd: int | None = None) -> tuple[HeadModule, HeadMetadata]:
     """Validate and build a head from raw file contents (uploads are checked before touching disk)."""
     meta = parse_metadata(config_bytes)
     check_base(meta, fingerprint=fingerprint, vocab_size=vocab_size, n_embd=n_embd)
@@ -301,7 +301,7 @@ def load_head_bytes(config_bytes: bytes, weights_bytes: bytes, *, fingerprint: s
     return _build_loaded(meta, weights_bytes), meta
 
 
-def _build_loaded(meta: HeadMetadata, weights_bytes: bytes) -> nn.Module:
+def _build_loaded(meta: HeadMetadata, weights_bytes: bytes) -> HeadModule:
     module = build_head(meta)
     try:
         tensors = load_safetensors_bytes(weights_bytes)
@@ -315,7 +315,7 @@ def _build_loaded(meta: HeadMetadata, weights_bytes: bytes) -> nn.Module:
 
 
 def load_head(head_dir: str | os.PathLike[str], *, fingerprint: str | None = None, vocab_size: int | None = None,
-              n_embd: int | None = None) -> tuple[nn.Module, HeadMetadata]:
+              n_embd: int | None = None) -> tuple[HeadModule, HeadMetadata]:
     """Load a head folder; with `fingerprint` (and sizes) given, refuse heads made for another base.
 
     The config is read and checked (against the base too) first; the weights file is read only once

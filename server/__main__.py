@@ -10,6 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from server.app import create_app
+from server.seed import seed_default_registry
 from server.settings import Settings, get_settings
 
 
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="interface to bind (HEADSERVE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (HEADSERVE_PORT, default 8000)")
     parser.add_argument("--base-model", help="HF hub id or local folder (HEADSERVE_BASE_MODEL)")
-    parser.add_argument("--heads-dir", help="the head registry folder (HEADSERVE_HEADS_DIR, default registry/)")
+    parser.add_argument("--heads-dir", help="the head registry folder (HEADSERVE_HEADS_DIR, default: the checkout's "
+                        "registry/; installed, ./registry, created with the shipped heads)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
             where = f"HEADSERVE_{name.upper()}: " if name else ""
             print(f"invalid setting {where}{err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
+    seed_default_registry(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
 
 

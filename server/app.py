@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="headserve", version="1", lifespan=lifespan)
+    # /docs and /redoc load Swagger UI and ReDoc from this server (/static-offline-docs), never from a CDN.
+    app = FastAPIOffline(title="headserve", version="1", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.registry = Registry(settings.heads_dir)

@@ -185,7 +185,8 @@ class Engine:
         return admitted
 
     def _open(self, pending: Pending) -> Running:
-        """The sequences of a job: the answer with its head, then the comparison decodes with the base's."""
+        """The sequences of a job: the answer with its head, then the comparison decodes with the base's (each
+        recording the job's `top_logprobs` alternatives, which /generate streams for every decoder)."""
         job = pending.job
         room = self.base.n_positions - len(job.prompt_ids)  # the whole sequence must fit the base context
         max_new = max(1, min(job.max_new_tokens, room))
@@ -197,7 +198,8 @@ class Engine:
             params = SamplingParams(strategy=strategy, top_k=job.params.top_k, temperature=job.params.temperature)
             sequences.append(Sequence(decoder=COMPARISON_DECODERS[strategy], head_label="base", head=None,
                                       params=params, generator=self._generator(params, job.seed),
-                                      max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos))
+                                      max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos,
+                                      top_logprobs=job.top_logprobs))
         return Running(pending, sequences, started_at=time.perf_counter())
 
     def _generator(self, params: SamplingParams, seed: int) -> torch.Generator | None:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import TypeGuard
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from heads import BackwardAttentionHead
+from heads import BackwardAttentionHead, HeadModule
 
 
 class SharedNorms:
@@ -92,5 +93,9 @@ class FactoredHead:
         return sum(t.nbytes for t in (self.fold, self.expand))
 
 
-def factorable(module: nn.Module) -> bool:
+def factorable(module: HeadModule) -> TypeGuard[BackwardAttentionHead]:
+    """Only "logits" weighting folds into the factored form (see the module docstring)."""
     return isinstance(module, BackwardAttentionHead) and module.config.weighting == "logits"
+
+
+ServingHead = HeadModule | FactoredHead  # a head ready to decode: prepared, or in factored form

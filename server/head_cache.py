@@ -22,12 +22,10 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from torch import nn
-
-from heads import HeadError, HeadMetadata, load_head, load_head_bytes
+from heads import HeadError, HeadMetadata, HeadModule, load_head, load_head_bytes
 from heads.base import Base
 from server.errors import HeadUnavailableError
-from server.factored import FactoredHead, SharedNorms, factorable
+from server.factored import FactoredHead, ServingHead, SharedNorms, factorable
 from server.head_checks import HeadProbe
 from server.metrics import Metrics
 from server.registry import HeadEntry, HeadStamp, Registry, public_message
@@ -38,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadedHead:
     name: str
-    module: nn.Module | FactoredHead  # ready to decode on the base's device, eval mode
+    module: ServingHead  # ready to decode on the base's device, eval mode
     meta: HeadMetadata
     stamp: HeadStamp | None
 
@@ -161,13 +159,13 @@ class HeadCache:
         log.info("loaded head %r (%s) in %.3fs", name, meta.head_type, seconds)
         return LoadedHead(name=name, module=ready, meta=meta, stamp=entry.stamp)
 
-    def _serving_form(self, module: nn.Module) -> nn.Module | FactoredHead:
+    def _serving_form(self, module: HeadModule) -> ServingHead:
         module.to(self.base.device)  # heads keep their float32 weights; decode casts hidden states to them
         if factorable(module) and self.materialize_after != 1:
             if self._norms is None:
                 self._norms = SharedNorms(self.base.embeddings)
-            return FactoredHead(module, self._norms)  # type: ignore[arg-type]
-        module.prepare(self.base.embeddings)  # type: ignore[operator]
+            return FactoredHead(module, self._norms)
+        module.prepare(self.base.embeddings)
         return module
 
     def _count_use(self, cached: LoadedHead) -> None:
@@ -177,15 +175,16 @@ class HeadCache:
         with self._lock:
             uses = self._uses[cached.name] = self._uses.get(cached.name, 0) + 1
         if uses == self.materialize_after:
-            self._background.submit(self._materialize, cached)
+            self._background.submit(self._materialize, cached, cached.module)
 
-    def _materialize(self, factored: LoadedHead) -> None:
-        """Prepare the full head off every request's path, then swap it in if nothing changed meanwhile.
-        Requests already holding the factored form finish with it: both give the same logits."""
+    def _materialize(self, factored: LoadedHead, form: FactoredHead) -> None:
+        """Prepare the full head of `factored` (whose module is `form`) off every request's path, then swap it in
+        if nothing changed meanwhile. Requests already holding the factored form finish with it: both give the
+        same logits."""
         try:
             with self._load_lock:
                 start = time.perf_counter()
-                module = factored.module.head  # type: ignore[union-attr]
+                module = form.head
                 module.prepare(self.base.embeddings)
                 ready = LoadedHead(name=factored.name, module=module, meta=factored.meta, stamp=factored.stamp)
                 with self._lock:

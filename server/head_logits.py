@@ -15,17 +15,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from heads.base import Base
-from server.factored import FactoredHead
+from server.factored import FactoredHead, ServingHead
 
-Head = nn.Module | FactoredHead | None  # None: the base's own linear LM head
+Head = ServingHead | None  # None: the base's own linear LM head
 
 
-def needs_base_logits(head: object) -> bool:
+def needs_base_logits(head: Head) -> bool:
     """The base's own rows and residual (or "probs") heads use the base's logits of their rows."""
-    return head is None or bool(getattr(head, "accepts_base_logits", False))
+    return head is None or head.accepts_base_logits
 
 
 def group_logits(base: Base, hidden: Tensor, heads: Sequence[Head],
@@ -72,9 +72,10 @@ def group_logits(base: Base, hidden: Tensor, heads: Sequence[Head],
             if head is None:
                 logits = base_logits(rows)
             elif isinstance(head, FactoredHead):
-                projected = shared[offsets[g]: offsets[g] + len(rows)]  # type: ignore[index]
+                assert shared is not None  # it holds this group's projections
+                projected = shared[offsets[g]: offsets[g] + len(rows)]
                 logits = head.combine(projected, base_logits(rows) if head.accepts_base_logits else None)
-            elif getattr(head, "accepts_base_logits", False):
+            elif head.accepts_base_logits:
                 logits = head.decode(pick(rows), base_logits=base_logits(rows))
             else:
                 logits = head.decode(pick(rows))

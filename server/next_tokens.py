@@ -21,7 +21,7 @@ from heads.base import Base
 from heads.sampling import NonFiniteLogitsError, SamplingParams, sample, scaled_logits
 from server.errors import GenerationFailedError, HeadOutputError
 from server.head_logits import group_logits
-from server.sequence import Sequence
+from server.sequence import Detokenizer, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def draw_tokens(base: Base, hidden: Tensor, batch: list[Sequence], groups: list[
 
 
 def _draw_greedy(logits: Tensor, seqs: list[Sequence], now: float, alive: Callable[[Sequence], bool], fail: Fail,
-                 tokenizer: object, eos_id: int | None) -> None:
+                 tokenizer: Detokenizer, eos_id: int | None) -> None:
     """One argmax for the group's greedy rows: row-wise, so the same as one row at a time."""
     picked = [i for i, seq in enumerate(seqs) if seq.params.is_greedy and alive(seq)]
     while picked:
@@ -88,6 +88,9 @@ def _draw_greedy(logits: Tensor, seqs: list[Sequence], now: float, alive: Callab
 
 def public_error(seq: Sequence, error: Exception) -> Exception:
     """What one sequence's own failure tells its client: its head's fault (409), or ours (500)."""
+    if isinstance(error, NonFiniteLogitsError) and seq.head is None:  # the base's own logits: not the client's head
+        log.error("the base's own logits are not finite", exc_info=error)
+        return GenerationFailedError("the base model produced non-finite logits, so no token can be drawn")
     if isinstance(error, NonFiniteLogitsError):
         return HeadOutputError(f"head {seq.head_label!r} cannot be served: it produced non-finite logits (NaN or "
                                f"infinity), so no token can be drawn")

@@ -7,15 +7,14 @@ never gets silently different behaviour. Fields OpenAI does not define are rejec
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
 
-from server.schemas import MAX_PROMPT_CHARS, MAX_STOP_STRINGS, StopString
+from server.schemas import MAX_PROMPT_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, StopString
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS = 32  # prompts in one request; each becomes a job of the same batch
-MAX_TOP_LOGPROBS = 5  # OpenAI's limit for `logprobs`
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
@@ -100,8 +99,9 @@ class CompletionRequest(BaseModel):
         if isinstance(self.prompt, str):
             return [self.prompt]
         if self.prompt and isinstance(self.prompt[0], int):
-            return [list(self.prompt)]  # type: ignore[arg-type]
-        return list(self.prompt)  # type: ignore[arg-type]
+            return [list(self.prompt)]
+        # The discriminator read the first item: every item is text, or every item a list of ids.
+        return list(cast("list[str] | list[list[int]]", self.prompt))
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:

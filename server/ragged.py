@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 POSITION_BLOCK = 64  # the slot cache grows its time axis in steps of this many positions
 
@@ -73,12 +78,15 @@ class RaggedGPT2:
     """Runs a `GPT2LMHeadModel`'s transformer over decode rows and new prompts in one pass."""
 
     def __init__(self, model: nn.Module) -> None:
-        config = model.config
-        if getattr(config, "model_type", None) != "gpt2":
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type != "gpt2":
             raise ValueError(f"the batching engine runs GPT-2-architecture bases; this base is "
-                             f"{getattr(config, 'model_type', type(model).__name__)!r}")
-        transformer = model.transformer
-        self.wte, self.wpe, self.blocks, self.ln_f = transformer.wte, transformer.wpe, transformer.h, transformer.ln_f
+                             f"{model_type or type(model).__name__!r}")
+        # Hugging Face builds a GPT2LMHeadModel for model_type "gpt2"; only the config can tell, not the type.
+        gpt2 = cast("GPT2LMHeadModel", model)
+        config, transformer = gpt2.config, gpt2.transformer
+        self.wte, self.wpe, self.ln_f = transformer.wte, transformer.wpe, transformer.ln_f
+        self.blocks = cast("list[GPT2Block]", list(transformer.h))  # an nn.ModuleList does not type its items
         self.n_embd, self.n_head = config.n_embd, config.n_head
         self.head_dim = self.n_embd // self.n_head
         self.n_positions = config.n_positions
@@ -140,4 +148,4 @@ class RaggedGPT2:
         for prefill in prefills:
             end += len(prefill.token_ids)
             last.append(end - 1)
-        return self.ln_f(hidden[torch.tensor(last, device=device)])  # type: ignore[no-any-return]
+        return self.ln_f(hidden[torch.tensor(last, device=device)])

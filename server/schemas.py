@@ -17,6 +17,7 @@ HeadName = Annotated[str, Field(pattern=HEAD_NAME_PATTERN, description="[a-z0-9]
 MAX_PROMPT_CHARS = 100_000  # also the most token ids in one prompt
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
+MAX_TOP_LOGPROBS = 5  # alternatives per token: /generate's `top_logprobs`, /v1's `logprobs` (OpenAI's limit)
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -48,6 +49,8 @@ class GenerateRequest(Strict):
     compare: bool | list[Literal["greedy", "top_k"]] = False
     raw: bool = False
     return_logprobs: bool = False
+    # The most likely alternatives per token (each decoder's stream events, and `logprobs` with return_logprobs).
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks want fixed lengths)
     stream: bool = False  # answer with server-sent events, token by token (docs/api.md)
 
@@ -74,10 +77,17 @@ class Timings(BaseModel):
     tokens_per_s: float  # generated tokens / time the worker spent on the request
 
 
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
 class TokenLogprob(BaseModel):
     token_id: int
     token: str
     logprob: float
+    top: list[TopLogprob] | None = None  # the most likely tokens at this step, most likely first (top_logprobs)
 
 
 class Comparison(BaseModel):
@@ -125,8 +135,19 @@ class Status(BaseModel):
     status: str
 
 
+class Limits(BaseModel):
+    """The bounds this server holds requests to, so a client (the page's form) can respect them up front."""
+
+    max_new_tokens: int
+    max_prompt_tokens: int  # once formatted with the head's template
+    max_stop_strings: int
+    max_stop_chars: int
+    max_top_logprobs: int
+
+
 class Readiness(BaseModel):
     status: str
     base: str
     base_fingerprint: str
     device: str
+    limits: Limits

@@ -15,15 +15,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-from torch import nn
 
 from heads.sampling import NonFiniteLogitsError, SamplingParams
-from server.factored import FactoredHead
+from server.factored import ServingHead
 from server.schemas import FinishReason
 
 log = logging.getLogger(__name__)
+
+
+class Detokenizer(Protocol):
+    """All that decoding asks of the base's tokenizer: ids back to text (any Hugging Face tokenizer)."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
 @dataclass
@@ -33,7 +39,7 @@ class Sequence:
     decoder: str  # metrics label: the strategy, or "linear_greedy" / "linear_top_k" for comparisons
     head_label: str  # the head's name, or "base" for the base's own linear head
     # None: the base's LM head. A strong reference, so eviction or deletion cannot pull it mid-decode.
-    head: nn.Module | FactoredHead | None
+    head: ServingHead | None
     params: SamplingParams
     generator: torch.Generator | None  # per sequence, so its draws do not depend on what else is decoding
     max_new_tokens: int
@@ -59,7 +65,7 @@ class Sequence:
             raise RuntimeError("the sequence is still decoding")
         return self.finish_reason
 
-    def append(self, token_id: int, logprob: float, now: float, tokenizer: object, eos_id: int | None) -> None:
+    def append(self, token_id: int, logprob: float, now: float, tokenizer: Detokenizer, eos_id: int | None) -> None:
         """Record one token and decide whether the sequence ends here (EOS, a stop string, or length).
 
         Raises NonFiniteLogitsError, recording nothing, for a NaN or infinite log-probability: JSON has no
@@ -75,7 +81,7 @@ class Sequence:
         elif self.stop:
             # Decoding the whole continuation each step is cheap at these lengths and, unlike decoding
             # token by token, sees stop strings that straddle tokens or multi-byte characters.
-            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
             hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
             if hits:
                 self.text = self.text[:min(hits)]
@@ -84,7 +90,7 @@ class Sequence:
         if self.finish_reason is None and len(self.token_ids) >= self.max_new_tokens:
             self.finish_reason = FinishReason.length
         if self.finish_reason is not None:
-            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+            self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
     def add_top(self, ids: list[int], logprobs: list[float]) -> None:
         """Record the last token's most likely alternatives; finite only, as `append`."""
@@ -98,7 +104,7 @@ class GenerationJob:
     """A validated request: token ids of the formatted prompt and how to continue it."""
 
     prompt_ids: list[int]
-    head: nn.Module | FactoredHead | None  # prepared by the handler (None: the base's linear head)
+    head: ServingHead | None  # prepared by the handler (None: the base's linear head)
     head_label: str  # the head's registry name, or "base"
     params: SamplingParams
     seed: int  # seeds the answer and the linear_top_k comparison alike

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from heads.base import REPO_ROOT, default_base
+from heads.base import EMBEDDED_BASE, IN_CHECKOUT, REPO_ROOT, check_base_location, default_base
 
 DEFAULT_MAX_PROMPT_TOKENS = 512
 LOOPBACK_NAMES = {"localhost"}
@@ -26,11 +26,20 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_heads_dir() -> Path:
+    """The checkout's registry/ (what `make serve` serves); installed, ./registry in the working directory.
+
+    A registry is written to (POST /heads, `headserve fit --out registry/NAME`), so an installed one never
+    lives inside site-packages; `server.seed` fills a new one with the heads the package ships.
+    """
+    return REPO_ROOT / "registry" if IN_CHECKOUT else Path.cwd() / "registry"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HEADSERVE_", extra="ignore")
 
-    base_model: str = Field(default_factory=default_base)  # HF hub id or local folder
-    heads_dir: Path = REPO_ROOT / "registry"  # the registry: one folder per head, the source of truth
+    base_model: str = Field(default_factory=default_base, validate_default=True)  # HF hub id or local folder
+    heads_dir: Path = Field(default_factory=default_heads_dir)  # the registry: one folder per head, the source of truth
     device: str = Field(default_factory=_default_device)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # half precision only makes sense on cuda
     host: str = "127.0.0.1"
@@ -57,6 +66,17 @@ class Settings(BaseSettings):
         except (RuntimeError, ValueError):
             raise ValueError(f"{device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
         return device
+
+    @field_validator("base_model")
+    @classmethod
+    def _embedded_base_present(cls, base_model: str) -> str:
+        # An install without its data would otherwise start and answer /readyz 503 for ever.
+        if Path(base_model) == EMBEDDED_BASE:
+            try:
+                check_base_location(base_model)
+            except FileNotFoundError as e:
+                raise ValueError(str(e)) from None
+        return base_model
 
     @field_validator("host")
     @classmethod

@@ -24,7 +24,7 @@ from starlette.types import Receive
 from server.engine import Engine
 from server.errors import ClientDisconnectedError
 from server.schemas import FinishReason
-from server.sequence import GenerationJob, JobResult, Pending, Sequence
+from server.sequence import Detokenizer, GenerationJob, JobResult, Pending, Sequence
 
 MAIN_DECODER = "main"  # the `decoder` of a job's answer in stream events; comparisons keep their names
 
@@ -75,7 +75,7 @@ def stable_text(text: str, stop: tuple[str, ...]) -> str:
 class TextDeltas:
     """For one job: how much of each sequence's tokens and text its stream has been sent (worker thread)."""
 
-    def __init__(self, job: int, tokenizer: object) -> None:
+    def __init__(self, job: int, tokenizer: Detokenizer) -> None:
         self.job, self.tokenizer = job, tokenizer
         self.tokens: dict[int, int] = {}
         self.chars: dict[int, int] = {}
@@ -105,7 +105,7 @@ class TextDeltas:
         return out
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined,no-any-return]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class JobStream:
@@ -216,6 +216,9 @@ def _progress(loop: asyncio.AbstractEventLoop, ref: StreamRef, deltas: TextDelta
 def _settle(loop: asyncio.AbstractEventLoop, ref: StreamRef,
             index: int) -> Callable[[JobResult | None, BaseException | None], None]:
     def settle(result: JobResult | None, error: BaseException | None) -> None:
-        event: StreamEvent = JobFailed(index, error) if error is not None else JobDone(index, result)  # type: ignore[arg-type]
+        if error is None and result is not None:
+            event: StreamEvent = JobDone(index, result)
+        else:  # the engine settles with exactly one of the two; a job with neither fails rather than hangs
+            event = JobFailed(index, error or RuntimeError("the job ended with neither a result nor an error"))
         _post(loop, ref, [event])
     return settle

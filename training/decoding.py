@@ -8,6 +8,7 @@ own positions (cumsum of the attention mask), so a batched row decodes exactly a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from heads import HeadModule
 from heads.base import Base
 from heads.sampling import SamplingParams, sample
 from training.data import collate
@@ -43,12 +45,20 @@ def _pad_id(base: Base) -> int:
     return 0
 
 
-def _step_logits(base: Base, head: nn.Module | None) -> Callable[[Tensor], Tensor]:
+def _step_logits(base: Base, head: HeadModule | None) -> Callable[[Tensor], Tensor]:
     """(B, D) last hidden -> (B, V) logits from the head, or from the base's own LM head."""
     if head is None:
         return base.linear_logits
-    head.prepare(base.embeddings)  # type: ignore[operator]
-    return head.decode  # type: ignore[return-value]
+    head.prepare(base.embeddings)
+    return head.decode
+
+
+def _kv_cache(out: Any) -> dict[str, Any]:
+    """The step's KV cache as the next call's keyword: `cache` where transformers has renamed it (5.x, which
+    logs a deprecation warning for the old name), `past_key_values` before that."""
+    if "cache" in {f.name for f in dataclasses.fields(out)}:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
 
 
 def _choose(logits: Tensor, strategy: Strategy, top_k: int, generator: torch.Generator | None) -> Tensor:
@@ -94,11 +104,11 @@ def _generate_batch(base: Base, prompts: list[list[int]], step_logits: Callable[
         mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)  # (B, W + step + 1)
         position_ids = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1)
         out = base.hidden_states(next_ids[:, None], attention_mask=mask, position_ids=position_ids,
-                                 past_key_values=out.past_key_values, use_cache=True)
+                                 **_kv_cache(out), use_cache=True)
     return list(zip(generated, reasons, strict=True))
 
 
-def generate(base: Base, prompts: Sequence[Sequence[int]], *, head: nn.Module | None = None,
+def generate(base: Base, prompts: Sequence[Sequence[int]], *, head: HeadModule | None = None,
              strategy: Strategy = "greedy", top_k: int = 50, max_new_tokens: int = 128, seed: int = 0,
              batch_size: int = 16, on_batch: Callable[[int], Any] | None = None) -> list[Generation]:
     """Continue each prompt (token ids) with the base plus `head` (None: the base's own LM head).
@@ -142,7 +152,7 @@ def generate(base: Base, prompts: Sequence[Sequence[int]], *, head: nn.Module | 
 
 
 @torch.no_grad()
-def target_cross_entropy(base: Base, encoded: Sequence[tuple[list[int], int]], head: nn.Module | None = None,
+def target_cross_entropy(base: Base, encoded: Sequence[tuple[list[int], int]], head: HeadModule | None = None,
                          batch_size: int = 16) -> tuple[float, int]:
     """Teacher-forced (summed NLL in nats, number of target tokens) over `encode()`d examples.
 

@@ -1,22 +1,20 @@
 """Compare trained heads against the base's own LM head on held-out math problems.
 
-    python -m training.evaluate --heads registry/math --data data/math --out reports/math
+    python -m training.evaluate --heads runs/my-math --data data/my-math --out reports/my-math
 
 Rows: `greedy` and `top_k` (the base's linear head, decoded both ways) and one greedy row per
 head. Each row gets teacher-forced cross-entropy and perplexity on the reference solutions,
-exact-match accuracy of the final answer with a bootstrap interval, numeric error of the
-answers, token overlap with the reference, and decoding speed. Writes report.json, report.md
-and report.png into --out, and prints the markdown table.
+exact-match accuracy of the final answer with a bootstrap interval, robust numeric errors of the
+answers, token overlap with the reference, decoding speed, and the same sample generations.
+Writes report.json, report.md and report.png into --out, and prints the markdown table.
+`--from-json reports/x/report.json` renders report.md again from the JSON alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -25,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from heads import HeadError, load_head
+from heads import HeadError, HeadModule, load_head
 from heads.base import Base, default_base, load_base
+from training import cli
 from training.data import (
     PROMPT_TEMPLATE,
     DataError,
@@ -42,26 +40,12 @@ from training.data import (
 )
 from training.decoding import Strategy, generate, target_cross_entropy
 from training.metrics import accuracy_with_ci, mean_token_prf, numeric_errors
+from training.report import markdown_table, rerender_markdown, write_report
 
 log = logging.getLogger("training.evaluate")
 N_SAMPLES = 3  # sample generations per row in report.json: enough to eyeball, small enough to read
 BASE_ROWS = ("greedy", "top_k")
 
-NOTES = """\
-How each column is measured:
-- **CE**: teacher-forced cross-entropy in nats per target token (solution + final answer + EOS, prompt
-  excluded), using that row's logits on the row's own prompt format. The `top_k` row reports the base
-  distribution's CE, identical to `greedy`: sampling changes what is generated, not the distribution.
-- **PPL**: exp(CE).
-- **Acc [95% CI]**: exact match of the final answer extracted from the generated text against
-  `expected_answer`, after normalising numbers (`12.0` == `12`, `1,200` == `1200`); the interval is a
-  percentile bootstrap over examples (1000 resamples, seeded).
-- **MSE / RMSE (n)**: squared error of the answer over the n examples where both the predicted and the
-  expected answer parse as numbers.
-- **P / R / F1**: bag-of-tokens overlap (as SQuAD F1) between the generated text and the reference target,
-  both tokenised by the base tokenizer, averaged over examples.
-- **tok/s**: generated tokens (EOS included) / wall seconds of the batched decode; **tokens**: their total.
-"""
 
 
 @dataclass
@@ -70,24 +54,29 @@ class RowSpec:
 
     name: str
     strategy: Strategy
-    head: nn.Module | None  # None: the base's own linear LM head
+    head: HeadModule | None  # None: the base's own linear LM head
     head_type: str
     template: str
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default=default_base(), help="HF folder or hub id (default: the embedded base)")
-    parser.add_argument("--heads", nargs="*", default=[], type=Path, help="head folders; none: base rows only")
-    parser.add_argument("--data", required=True, help="JSONL/Parquet file, folder with {split}.jsonl, or hub id")
-    parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md, report.png")
-    parser.add_argument("--split", default="test")
+    parser = cli.parser("training.evaluate", __doc__)
+    parser.add_argument("--base", default=default_base(), help="HF folder or hub id")
+    parser.add_argument("--heads", nargs="*", default=[], type=Path, help="head folders, one row each (the row is "
+                        "named after the folder); none: base rows only")
+    parser.add_argument("--data", help="JSONL/Parquet file, folder with {split}.jsonl, or hub id (required)")
+    parser.add_argument("--out", type=Path, help="folder for report.json, report.md, report.png (required)")
+    parser.add_argument("--split", default="test", help="which split of --data to evaluate on")
     parser.add_argument("--limit", type=int, default=200, help="examples to evaluate (0: all)")
-    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-k", type=int, default=50, help="k of the base's top-k row")
     parser.add_argument("--seed", type=int, default=0, help="top-k sampling and bootstrap seed")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per example")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples decoded together")
+    parser.add_argument("--from-json", type=Path, metavar="REPORT_JSON",
+                        help="only render report.md again beside this report.json (no decoding)")
     args = parser.parse_args(argv)
+    if args.from_json is None and (args.data is None or args.out is None):
+        parser.error("--data and --out are required (unless --from-json)")
     for name in ("top_k", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -144,67 +133,13 @@ def evaluate_row(spec: RowSpec, base: Base, examples: list[Example], args: argpa
         "ce_target_tokens": n_target,
         "accuracy": acc.accuracy, "accuracy_ci_low": acc.ci_low, "accuracy_ci_high": acc.ci_high,
         "n_correct": acc.n_correct, "n": acc.n,
+        "median_abs_error": errors.median_abs_error, "log10_error": errors.log10_error,
         "mse": errors.mse, "rmse": errors.rmse, "n_parsed": errors.n_parsed,
         "token_precision": prf.precision, "token_recall": prf.recall, "token_f1": prf.f1,
         "generated_tokens": generated, "finish_reasons": dict(sorted(Counter(g.finish_reason for g in gens).items())),
         "generation_seconds": seconds, "tokens_per_s": generated / seconds if seconds > 0 else 0.0,
         "samples": samples,
     }
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    """Fixed digits, or scientific notation once a value is too large to read (runaway answers)."""
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}e}" if abs(value) >= 1e6 else f"{value:.{digits}f}"
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| row | CE (nats/tok) | PPL | Acc [95% CI] | MSE | RMSE (n) | P | R | F1 | tok/s | tokens |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {_fmt(r['cross_entropy'])} | {_fmt(r['perplexity'], 2)} | "
-            f"{_fmt(r['accuracy'])} [{_fmt(r['accuracy_ci_low'])}, {_fmt(r['accuracy_ci_high'])}] | "
-            f"{_fmt(r['mse'], 2)} | {_fmt(r['rmse'], 2)} ({r['n_parsed']}) | {_fmt(r['token_precision'])} | "
-            f"{_fmt(r['token_recall'])} | {_fmt(r['token_f1'])} | {r['tokens_per_s']:.1f} | {r['generated_tokens']} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_png(rows: list[dict[str, Any]]) -> bytes:
-    """Accuracy with its interval, and perplexity, one bar per row (Agg canvas: no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = [r["name"] for r in rows]
-    fig = Figure(figsize=(max(8.0, 2.0 + 2.0 * len(rows)), 4.0))
-    FigureCanvasAgg(fig)
-    ax_acc, ax_ppl = fig.subplots(1, 2)
-    acc = [r["accuracy"] for r in rows]
-    yerr = [[max(0.0, a - r["accuracy_ci_low"]) for a, r in zip(acc, rows, strict=True)],
-            [max(0.0, r["accuracy_ci_high"] - a) for a, r in zip(acc, rows, strict=True)]]
-    ax_acc.bar_label(ax_acc.bar(names, acc, yerr=yerr, capsize=4, color="tab:blue"), fmt="%.2f")
-    ax_acc.set_ylim(0, 1.05)
-    ax_acc.set_title("answer accuracy, 95% bootstrap CI", fontsize=10)
-    bars = ax_ppl.bar(names, [r["perplexity"] for r in rows], color="tab:orange")
-    ax_ppl.bar_label(bars, fmt="%.2f")
-    ax_ppl.set_title("target perplexity (lower is better)", fontsize=10)
-    for ax in (ax_acc, ax_ppl):
-        ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file then os.replace: a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,26 +171,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
         "device": device, "rows": rows,
     }
-    table = markdown_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-    header = (f"# Evaluation: {report['base']}\n\n{len(examples)} examples from `{args.data}` ({args.split}), "
-              f"seed {args.seed}, top-k {args.top_k}, max {args.max_new_tokens} new tokens.\n\n")
-    write_atomic(args.out / "report.md", (header + table + "\n" + NOTES).encode())
-    write_atomic(args.out / "report.png", plot_png(rows))
-    report["markdown_table"] = table
+    write_report(report, args.out)
     return report
+
+
+def summary(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    """Where the report went, and how to try the evaluated heads on a server with one of the problems."""
+    out = args.out
+    lines = [f"wrote {out / 'report.md'}, {out / 'report.json'} and {out / 'report.png'}: {len(report['rows'])} rows "
+             f"on {report['n_examples']} {report['split']} examples"]
+    heads = [(path, row) for path, row in zip(args.heads, report["rows"][len(BASE_ROWS):], strict=True)]
+    if not heads:
+        return lines[0]
+    steps = [cli.command("clients", "register", path, "--name", row["name"]) + "   # with the server running"
+             for path, row in heads]
+    path, row = heads[0]
+    if row["samples"]:
+        steps.append(cli.command("clients", "generate", "--head", row["name"], row["samples"][0]["problem"],
+                                 "--compare"))
+    return "\n".join(lines + [cli.next_steps(steps)])
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
+        if args.from_json is not None:
+            print(f"wrote {rerender_markdown(args.from_json)} (rendered from {args.from_json})")
+            return
         report = run(args)
     except (DataError, HeadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(report["markdown_table"], end="")
+    except KeyError as e:
+        print(f"error: {args.from_json or args.out}: not a report written by training.evaluate (no {e})",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    print(markdown_table(report["rows"]))
+    print(summary(args, report))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train one output head on a frozen base: `python -m training.fit --task math --out registry/math ...`.
+"""Train one output head on a frozen base: `python -m training.fit --data data/my-math --task math --out runs/my-math`.
 
 Only the head trains (AdamW over its parameters); the base stays in eval mode without grad. The
 base's final hidden states are cached during the first epoch, so later epochs cost only the
@@ -17,14 +17,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from heads import BackwardAttentionConfig, BackwardAttentionHead, HeadError, LinearHead, save_head
+from heads import (
+    CONFIG_NAME,
+    BackwardAttentionConfig,
+    BackwardAttentionHead,
+    HeadError,
+    HeadModule,
+    LinearHead,
+    save_head,
+)
 from heads.base import Base, default_base, load_base
+from training import cli
 from training.data import PROMPT_TEMPLATE, DataError, collate, encode, load_examples
 
 log = logging.getLogger("training.fit")
@@ -40,7 +50,7 @@ class History:
     eval_loss: list[float] = field(default_factory=list)
 
 
-def build_head(args: argparse.Namespace, base: Base) -> nn.Module:
+def build_head(args: argparse.Namespace, base: Base) -> HeadModule:
     if args.kind == "linear":
         return LinearHead(vocab_size=base.vocab_size, n_embd=base.n_embd).init_from(base.embeddings)
     config = BackwardAttentionConfig(latent_dim=args.latent_dim or None, num_heads=args.num_heads,
@@ -113,28 +123,34 @@ def plot_history(history: History, title: str) -> bytes:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default=None, help="HF id or folder (default: HEADSERVE_BASE_MODEL or embedded base)")
+    p = cli.parser("training.fit", __doc__)
+    p.add_argument("--base", default=None, help="HF id or folder (default: HEADSERVE_BASE_MODEL or the embedded base)")
     p.add_argument("--data", required=True, help="JSONL/Parquet file, folder with train.jsonl, or HF dataset id")
     p.add_argument("--task", required=True, help="what the head is for, recorded in head_config.json")
-    p.add_argument("--kind", choices=("backward_attention", "linear"), default="backward_attention")
-    p.add_argument("--out", type=Path, required=True, help="head folder to write")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--kind", choices=("backward_attention", "linear"), default="backward_attention",
+                   help="head kind: the backward-attention head or a trainable copy of the LM head")
+    p.add_argument("--out", type=Path, required=True, help="head folder to write (replaced atomically if it exists)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default 3e-3 (backward_attention), 3e-4 (linear)")
-    p.add_argument("--latent-dim", type=int, default=64, help="0 keeps the base width")
-    p.add_argument("--num-heads", type=int, default=2)
-    p.add_argument("--weighting", choices=("logits", "probs"), default="logits")
-    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 backward_attention, "
+                   "3e-4 linear)")
+    p.add_argument("--latent-dim", type=int, default=64, help="latent width L of the vocabulary keys; 0 keeps the "
+                   "base width")
+    p.add_argument("--num-heads", type=int, default=2, help="attention heads H of the backward-attention head")
+    p.add_argument("--weighting", choices=("logits", "probs"), default="logits",
+                   help="how the base's logits weight the values (docs/design.md)")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the base's logits (scaled by a learnt alpha) to the head's")
+    p.add_argument("--chunk-size", type=int, default=None, help="vocabulary chunk for the scores (bounds memory)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, shuffling and held-out split")
+    p.add_argument("--device", default="cpu", help="torch device for the base and the head")
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: only at the end)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of training rows held out for eval")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training rows")
     p.add_argument("--max-len", type=int, default=None, help="token budget per example (default: base context)")
-    p.add_argument("--prompt-template", default=PROMPT_TEMPLATE)
+    p.add_argument("--prompt-template", default=PROMPT_TEMPLATE, help="how a problem becomes the prompt; the head "
+                   "records it and the server formats requests with it")
     p.add_argument("--cache-hidden", action=argparse.BooleanOptionalAction, default=True,
                    help="cache base hidden states after the first epoch")
     args = p.parse_args(argv)
@@ -147,7 +163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def fit(args: argparse.Namespace) -> dict[str, object]:
+def fit(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     base = load_base(args.base or default_base(), device=args.device)
     examples, stats = load_examples(args.data, "train", limit=args.limit)
@@ -233,9 +249,33 @@ def fit(args: argparse.Namespace) -> dict[str, object]:
     return training
 
 
+def summary(args: argparse.Namespace, training: dict[str, Any]) -> str:
+    """What was written, how well and how fast it trained, and the commands that evaluate and serve it."""
+    m = training["final_metrics"]
+    held_out = (f"held-out loss {m['held_out_loss']} (perplexity {m['held_out_perplexity']})"
+                if m["held_out_loss"] is not None else f"train loss {m['train_loss']} (no held-out rows)")
+    speed = f"{training['tokens_per_s_first_epoch']:,.0f} target tokens/s in epoch 1 (base + head)"
+    if training["tokens_per_s_cached"] is not None:
+        speed += f", {training['tokens_per_s_cached']:,.0f} tokens/s after it (cached hidden states)"
+    name = args.out.resolve().name
+    return "\n".join([
+        f"wrote {args.out}: {args.kind} head for {args.task!r}, {training['steps']} steps in "
+        f"{training['wall_time_s']:.0f} s, {held_out}",
+        f"  loss curve: {args.out / LOSS_CURVE_NAME}",
+        f"  speed: {speed}",
+        cli.next_steps([
+            cli.command("training.evaluate", "--heads", args.out, "--data", args.data, "--out", f"reports/{name}"),
+            cli.command("clients", "register", args.out, "--name", name) + "   # with the server running",
+        ]),
+    ])
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    if (args.out / CONFIG_NAME).exists():
+        log.warning("%s holds a head already: it is replaced when training ends (a server reading it swaps too)",
+                    args.out)
     try:
         training = fit(args)
     except KeyboardInterrupt:
@@ -244,9 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, HeadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    m = training["final_metrics"]
-    print(f"wrote {args.out}: {training['steps']} steps, held-out loss {m['held_out_loss']}, "  # type: ignore[index]
-          f"{training['tokens_per_s_first_epoch']} tok/s first epoch, {training['tokens_per_s_cached']} tok/s cached")
+    print(summary(args, training))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ class Accuracy:
 
 @dataclass(frozen=True)
 class NumericErrors:
-    mse: float | None  # None when no pair parsed: there is nothing to average
+    # All None when no pair parsed: there is nothing to average.
+    median_abs_error: float | None  # typical distance from the answer; a few runaway numbers cannot move it
+    log10_error: float | None  # mean |slog10(p) - slog10(e)|: orders of magnitude off, 1.0 ~ a factor of ten
+    mse: float | None  # kept for completeness; one runaway answer (1e32) dominates it
     rmse: float | None
     n_parsed: int  # pairs where both the prediction and the expected answer are numbers
 
@@ -110,18 +113,30 @@ def accuracy_with_ci(predicted: Sequence[str | None], expected: Sequence[str], *
                     n=len(matches))
 
 
+def slog10(x: float) -> float:
+    """sign(x) * log10(1 + |x|): a log scale that is defined at 0 and for negative answers."""
+    return math.copysign(math.log10(1.0 + abs(x)), x)
+
+
 def numeric_errors(predicted: Sequence[str | None], expected: Sequence[str]) -> NumericErrors:
-    """MSE and RMSE over the pairs where both sides parse as numbers; how far off, not just whether."""
+    """How far off the answers are, over the pairs where both sides parse as numbers.
+
+    A generated answer can be any string of digits (`1e32` after a runaway), so the headline errors
+    are robust: the median absolute error, and the mean error on a log scale (each answer counts
+    by its number of digits off, not by their square). MSE/RMSE are kept for completeness.
+    """
     _same_length(predicted, expected)
-    squared = []
+    pairs = []
     for p, e in zip(predicted, expected, strict=True):
         p_value, e_value = parse_number(p), parse_number(e)
         if p_value is not None and e_value is not None:
-            squared.append((p_value - e_value) ** 2)
-    if not squared:
-        return NumericErrors(mse=None, rmse=None, n_parsed=0)
-    mse = math.fsum(squared) / len(squared)
-    return NumericErrors(mse=mse, rmse=math.sqrt(mse), n_parsed=len(squared))
+            pairs.append((p_value, e_value))
+    if not pairs:
+        return NumericErrors(median_abs_error=None, log10_error=None, mse=None, rmse=None, n_parsed=0)
+    mse = math.fsum((p - e) * (p - e) for p, e in pairs) / len(pairs)  # `*`, not `**`: inf, not OverflowError
+    return NumericErrors(median_abs_error=float(np.median([abs(p - e) for p, e in pairs])),
+                         log10_error=math.fsum(abs(slog10(p) - slog10(e)) for p, e in pairs) / len(pairs),
+                         mse=mse, rmse=math.sqrt(mse), n_parsed=len(pairs))
 
 
 def token_prf(predicted: Sequence[Hashable], reference: Sequence[Hashable]) -> TokenPRF:

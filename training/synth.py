@@ -6,17 +6,18 @@ Why synthetic: nothing may be downloaded at run time, yet tests, the embedded ba
 text, so no two calls (any seeds, any sizes) can ever leak a test problem into training or
 into the base model's pretraining corpus.
 
-    python -m training.synth --out data/math --train 2000 --test 200 --seed 0
+    python -m training.synth --out data/my-math --train 2000 --test 200 --seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from training import cli
 
 NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo",
          "Mia", "Ned", "Omar", "Pia", "Quin", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Zoe"]
@@ -160,18 +161,21 @@ def write_jsonl(rows: list[Row], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("training.synth", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and test.jsonl")
     parser.add_argument("--train", type=int, default=2000, help="number of training problems")
     parser.add_argument("--test", type=int, default=200, help="number of test problems")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="which problems are drawn (the split never depends on it)")
     args = parser.parse_args(argv)
     if args.train < 0 or args.test < 0:
         parser.error("--train and --test must be >= 0")
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(generate(args.train, args.seed, "train"), args.out / "train.jsonl")
     write_jsonl(generate(args.test, args.seed, "test"), args.out / "test.jsonl")
-    print(f"wrote {args.train} train and {args.test} test problems to {args.out}")
+    name = args.out.resolve().name
+    print(f"wrote {args.train} train and {args.test} test problems to {args.out / 'train.jsonl'} and "
+          f"{args.out / 'test.jsonl'}")
+    print(cli.next_steps([cli.command("training.fit", "--data", args.out, "--task", "math", "--out", f"runs/{name}")]))
 
 
 if __name__ == "__main__":

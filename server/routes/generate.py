@@ -17,8 +17,9 @@ from server.schemas import (
     GenerateResponse,
     Timings,
     TokenLogprob,
+    TopLogprob,
 )
-from server.sequence import JobResult, Sequence
+from server.sequence import Detokenizer, JobResult, Sequence
 from server.sse import SSE_HEADERS, sse_done, sse_event
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head
 from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_unless_disconnected
@@ -40,7 +41,8 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep,
     job, prompt = await build_job(JobRequest(
         prompt=body.prompt, head=body.head, raw=body.raw, max_new_tokens=max_new_tokens,
         params=SamplingParams(strategy=d.strategy, top_k=d.top_k, top_p=d.top_p, temperature=d.temperature),
-        seed=d.seed, stop=tuple(body.stop or ()), compare=tuple(body.comparisons()), ignore_eos=body.ignore_eos),
+        seed=d.seed, stop=tuple(body.stop or ()), compare=tuple(body.comparisons()), ignore_eos=body.ignore_eos,
+        top_logprobs=body.top_logprobs),
         runtime, registry)
     stream = JobStream(runtime.engine, [job], tokens=body.stream)  # 429 here, before any byte is sent
     if not body.stream:
@@ -52,12 +54,15 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep,
 
 async def _events(stream: JobStream, body: GenerateRequest, prompt: str, runtime: Runtime) -> AsyncIterator[bytes]:
     """`token` events as tokens are decided, then `done` with the full response (or `error`), then [DONE]."""
+    tokenizer = runtime.base.tokenizer
     try:
         async for event in stream:
             if isinstance(event, TokenEvent):
-                yield sse_event({"type": "token", "decoder": event.decoder, "token_id": event.token_id,
-                                 "token": event.token, "text": event.text, "logprob": event.logprob,
-                                 "finish_reason": event.finish_reason})
+                data = {"type": "token", "decoder": event.decoder, "token_id": event.token_id, "token": event.token,
+                        "text": event.text, "logprob": event.logprob, "finish_reason": event.finish_reason}
+                if body.top_logprobs:
+                    data["top"] = [item.model_dump() for item in _top(event.top, tokenizer)]
+                yield sse_event(data)
             elif isinstance(event, JobDone):
                 response = _response(body, prompt, event.result, runtime)
                 yield sse_event({"type": "done", "response": response.model_dump(mode="json")})
@@ -85,8 +90,10 @@ def _response(body: GenerateRequest, prompt: str, result: JobResult, runtime: Ru
     logprobs = None
     if body.return_logprobs:
         tokenizer = runtime.base.tokenizer
-        logprobs = [TokenLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp)
-                    for t, lp in zip(main.token_ids, main.logprobs, strict=True)]
+        tops = main.top if body.top_logprobs else [None] * len(main.token_ids)
+        logprobs = [TokenLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp,
+                                 top=_top(top, tokenizer) if body.top_logprobs else None)
+                    for t, lp, top in zip(main.token_ids, main.logprobs, tops, strict=True)]
     comparisons = None
     if result.comparisons:
         comparisons = [Comparison(decoder=seq.decoder, text=seq.text, tokens=len(seq.token_ids),
@@ -94,3 +101,8 @@ def _response(body: GenerateRequest, prompt: str, result: JobResult, runtime: Ru
                        for seq in result.comparisons]
     return GenerateResponse(text=main.text, tokens=len(main.token_ids), finish_reason=main.reason,
                             head=body.head, prompt=prompt, timings=timings, logprobs=logprobs, comparisons=comparisons)
+
+
+def _top(top: list[tuple[int, float]] | None, tokenizer: Detokenizer) -> list[TopLogprob]:
+    return [TopLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp)
+            for t, lp in top or []]

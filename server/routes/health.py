@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from server.schemas import Readiness, Status
+from server.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, Limits, Readiness, Status
 from server.state import MetricsDep, get_runtime
 
 router = APIRouter(tags=["operations"])
@@ -20,11 +20,15 @@ async def healthz() -> Status:
 @router.get("/readyz", response_model=Readiness)
 async def readyz(request: Request) -> Readiness:
     """200 once the base is loaded and warmed up; `get_runtime` answers 503 before that. (Called, not
-    declared as a dependency: FastAPI runs sync dependencies on the thread pool.)"""
+    declared as a dependency: FastAPI runs sync dependencies on the thread pool.) With the request limits,
+    so a client that polls readiness (the page) bounds its inputs by this server's settings."""
     runtime = get_runtime(request)
     base = runtime.base
+    limits = Limits(max_new_tokens=request.app.state.settings.max_new_tokens,
+                    max_prompt_tokens=runtime.prompt_token_limit, max_stop_strings=MAX_STOP_STRINGS,
+                    max_stop_chars=MAX_STOP_CHARS, max_top_logprobs=MAX_TOP_LOGPROBS)
     return Readiness(status="ready", base=base.info()["base_model_name_or_path"], base_fingerprint=base.fingerprint,
-                     device=runtime.device)
+                     device=runtime.device, limits=limits)
 
 
 @router.get("/metrics")

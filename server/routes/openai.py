@@ -35,7 +35,7 @@ from server.openai_schemas import (
 )
 from server.registry import Registry
 from server.schemas import HEAD_NAME_PATTERN, FinishReason
-from server.sequence import JobResult, Sequence
+from server.sequence import Detokenizer, JobResult, Sequence
 from server.sse import SSE_HEADERS, sse_done, sse_event
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head, set_head_label
 from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_unless_disconnected
@@ -167,10 +167,10 @@ def _choice(index: int, seq: Sequence, body: CompletionRequest, runtime: Runtime
     return CompletionChoice(index=index, text=seq.text, logprobs=logprobs, finish_reason=_finish(seq.reason))
 
 
-def _top(top: list[tuple[int, float]] | None, tokenizer: object) -> dict[str, float]:
+def _top(top: list[tuple[int, float]] | None, tokenizer: Detokenizer) -> dict[str, float]:
     out: dict[str, float] = {}
     for token_id, logprob in top or []:
-        out.setdefault(tokenizer.decode([token_id]), logprob)  # type: ignore[attr-defined]
+        out.setdefault(tokenizer.decode([token_id]), logprob)
     return out
 
 

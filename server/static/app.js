@@ -1,62 +1,182 @@
-// The comparison page: one POST /generate with stream + compare, its server-sent events
-// routed to three columns (the chosen head, linear greedy, linear top-k) as tokens arrive.
+// The comparison page: one POST /generate with stream + compare, its server-sent events routed to three
+// columns (the chosen head, linear greedy, linear top-k) as tokens arrive. It polls /readyz for the
+// connection state and the server's limits (so the form never offers what the server refuses), and
+// explains each token (probability and the alternatives) on hover, tap and keyboard focus alike.
+// Static on purpose: no build step, no CDN.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
+const POLL_READY_MS = 3000; // while connected
+const POLL_DOWN_MS = 1000; // while disconnected or loading, to notice the comeback quickly
+const ALTERNATIVES = 5; // alternatives per token asked of the server (capped by its limit)
+const UNSURE_BELOW = 0.2; // tokens less likely than this also get a dotted underline, not only a pale shade
+const NARROW = matchMedia("(max-width: 600px)"); // the token panel is a bottom sheet there
+
+const state = { ready: false, controller: null, alternatives: ALTERNATIVES, headPicked: false, shown: null };
+const tokenData = new WeakMap(); // token span -> its stream event
 const columns = {};
 for (const section of document.querySelectorAll(".column")) {
   columns[section.dataset.decoder] = {
+    label: section.querySelector("h2").textContent.replace(/\s+/g, " ").trim(),
     tokens: section.querySelector(".tokens"),
     stats: section.querySelector(".stats"),
+    decoding: section.querySelector(".decoding"),
     count: 0,
+    firstAt: null,
   };
 }
 
-function setStatus(text, isError = false) {
-  $("#status").textContent = text;
-  $("#status").classList.toggle("error", isError);
+// --- shading: perceptual (square root) with a floor, so p≈0.01 and p≈0.1 stay visible and distinct ---
+function shade(p) {
+  return 0.14 + 0.56 * Math.sqrt(Math.min(Math.max(p, 0), 1));
 }
 
-async function loadBase() {
+function paint(span, p) {
+  span.style.setProperty("--p", p.toFixed(3));
+  span.style.setProperty("--shade", shade(p).toFixed(3));
+  span.classList.toggle("unsure", p < UNSURE_BELOW);
+}
+
+// --- connection: poll /readyz; never claim a device while the server does not answer ---
+function updateButtons() {
+  $("#generate").disabled = !state.ready || state.controller !== null;
+  $("#stop-button").disabled = state.controller === null;
+}
+
+function setConnection(kind, text) {
+  state.ready = kind === "ready";
+  $("#connection").dataset.state = kind;
+  $("#base-info").textContent = text;
+  updateButtons();
+}
+
+async function pollReady() {
+  let next = POLL_DOWN_MS;
   try {
-    const response = await fetch("/readyz");
-    const body = await response.json();
-    $("#base-info").textContent = response.ok
-      ? `base ${body.base} on ${body.device}`
-      : `not ready: ${body.detail}`;
-  } catch (error) {
-    $("#base-info").textContent = `server unreachable: ${error}`;
+    const response = await fetch("/readyz", { cache: "no-store", signal: AbortSignal.timeout(3 * POLL_DOWN_MS) });
+    const body = await response.json().catch(() => ({}));
+    if (response.ok) {
+      const wasReady = state.ready;
+      setConnection("ready", `base ${body.base} on ${body.device}`);
+      applyLimits(body.limits);
+      if (!wasReady) loadHeads(); // first contact, or back after an outage: the registry may have changed
+      next = POLL_READY_MS;
+    } else {
+      setConnection("loading", `not ready: ${body.detail || response.statusText}`);
+    }
+  } catch {
+    setConnection("disconnected", "disconnected: the server does not answer (retrying)");
   }
+  setTimeout(pollReady, next);
+}
+
+function applyLimits(limits) {
+  if (!limits) return;
+  $("#max-tokens").max = String(limits.max_new_tokens);
+  clampNumber($("#max-tokens"), "Max tokens");
+  state.alternatives = Math.min(ALTERNATIVES, limits.max_top_logprobs);
 }
 
 async function loadHeads() {
   const select = $("#head");
   try {
-    const response = await fetch("/heads");
+    const response = await fetch("/heads", { cache: "no-store" });
     if (!response.ok) throw new Error((await response.json()).detail);
     // A head the server cannot serve is listed "invalid" with its reason: not something to pick.
     const heads = (await response.json()).heads.filter((head) => head.status === "ready");
+    const previous = select.value;
+    select.replaceChildren(select.options[0]);
     for (const head of heads) {
-      const option = document.createElement("option");
-      option.value = head.name;
-      option.textContent = `${head.name} (${head.type}, ${head.task})`;
+      const option = new Option(`${head.name} (${head.type}, ${head.task})`, head.name);
+      option.title = `template: ${head.prompt_template}`;
       select.append(option);
     }
-    if (heads.some((head) => head.name === "math")) select.value = "math";
+    const names = heads.map((head) => head.name);
+    if (names.includes(previous)) select.value = previous;
+    else if (!state.headPicked && names.includes("math")) select.value = "math";
   } catch (error) {
-    setStatus(`could not list heads: ${error.message}`, true);
+    setSummary(`could not list heads: ${error.message}`, true);
   }
 }
 
-function resetColumns(headName) {
+// --- the form ---
+function note(text) {
+  $("#form-note").textContent = text;
+}
+
+/** The input's number within its min/max (an integer unless its step allows fractions); null when empty. */
+function clampNumber(input, label) {
+  if (input.value.trim() === "") return null;
+  let value = Number(input.value);
+  if (!Number.isFinite(value)) value = Number(input.defaultValue || input.min || 0);
+  if (!input.step || Number.isInteger(Number(input.step))) value = Math.round(value);
+  const min = input.min === "" ? -Infinity : Number(input.min);
+  const max = input.max === "" ? Infinity : Number(input.max);
+  const clamped = Math.min(Math.max(value, min), max);
+  if (String(clamped) !== input.value) {
+    input.value = String(clamped);
+    if (clamped !== value) note(`${label} is between ${input.min} and ${input.max}${label === "Max tokens"
+      ? " on this server" : ""}: set to ${clamped}.`);
+  }
+  return clamped;
+}
+
+/** One stop string per line; `\n`, `\t` and `\\` are written as escapes so a newline can be one. */
+function stopStrings() {
+  const unescape = (line) => line.replace(/\\(n|t|\\)/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]);
+  return $("#stop").value.split("\n").filter((line) => line !== "").map(unescape);
+}
+
+function requestBody() {
+  const seed = clampNumber($("#seed"), "Seed");
+  const stop = stopStrings();
+  return {
+    prompt: $("#prompt").value,
+    head: $("#head").value || null,
+    raw: $("#raw").checked,
+    max_new_tokens: clampNumber($("#max-tokens"), "Max tokens") ?? 64,
+    compare: true,
+    stream: true,
+    top_logprobs: state.alternatives,
+    decoding: {
+      strategy: $("#strategy").value,
+      temperature: clampNumber($("#temperature"), "Temperature") ?? 1,
+      top_k: clampNumber($("#top-k"), "Top-k") ?? 50,
+      top_p: clampNumber($("#top-p"), "Top-p") ?? 0.9,
+      ...(seed !== null ? { seed } : {}),
+    },
+    ...(stop.length ? { stop } : {}),
+  };
+}
+
+function describeDecoding(d) {
+  const seed = d.seed !== undefined ? ` · seed ${d.seed}` : "";
+  if (d.strategy === "top_k") return `top-k ${d.top_k} · T ${d.temperature}${seed}`;
+  if (d.strategy === "top_p") return `top-p ${d.top_p} · T ${d.temperature}${seed}`;
+  return "greedy";
+}
+
+// --- the columns ---
+function setSummary(text, isError = false) {
+  $("#summary").textContent = text;
+  $("#summary").classList.toggle("error", isError);
+}
+
+function resetColumns(body) {
+  hideInfo();
   document.querySelector('.column[data-decoder="main"] .title').textContent =
-    headName ? `head: ${headName}` : "base (linear head)";
-  for (const column of Object.values(columns)) {
-    column.tokens.textContent = "";
+    body.head ? `head: ${body.head}` : "base (linear head)";
+  columns.main.decoding.textContent = describeDecoding(body.decoding);
+  columns.linear_top_k.decoding.textContent = describeDecoding({ ...body.decoding, strategy: "top_k" });
+  for (const [decoder, column] of Object.entries(columns)) {
+    column.label = document.querySelector(`.column[data-decoder="${decoder}"] h2`).textContent
+      .replace(/\s+/g, " ").trim();
+    column.tokens.replaceChildren();
     column.stats.textContent = "";
     column.count = 0;
     column.firstAt = null;
   }
+  $("#sent").hidden = true;
 }
 
 function addToken(event, sentAt) {
@@ -64,12 +184,12 @@ function addToken(event, sentAt) {
   if (!column) return;
   column.count += 1;
   if (column.firstAt === null) column.firstAt = performance.now() - sentAt;
-  const probability = Math.exp(event.logprob);
   const span = document.createElement("span");
   span.className = "token";
-  span.style.setProperty("--p", probability.toFixed(3));
-  span.title = `p=${probability.toFixed(3)} · token ${JSON.stringify(event.token)}`;
+  span.tabIndex = column.count === 1 ? 0 : -1; // one tab stop per column; arrow keys move within it
+  paint(span, Math.exp(event.logprob));
   span.textContent = event.text; // may be empty while a partial character or stop string is held back
+  tokenData.set(span, event);
   column.tokens.append(span);
   column.stats.textContent = `${column.count} tokens · first after ${column.firstAt.toFixed(0)} ms…`;
 }
@@ -79,7 +199,7 @@ function describe(timings, tokens, finishReason) {
     + ` · ${tokens} tokens · ${timings.tokens_per_s.toFixed(1)} tok/s · ${finishReason}`;
 }
 
-function finish(response) {
+function finish(response, sentAt) {
   columns.main.stats.textContent = describe(response.timings, response.tokens, response.finish_reason);
   for (const comparison of response.comparisons || []) {
     const column = columns[comparison.decoder];
@@ -87,6 +207,10 @@ function finish(response) {
       column.stats.textContent = describe(comparison.timings, comparison.tokens, comparison.finish_reason);
     }
   }
+  $("#sent-prompt").textContent = response.prompt;
+  $("#sent").hidden = false;
+  const seconds = ((performance.now() - sentAt) / 1000).toFixed(2);
+  setSummary(`done: ${response.tokens} tokens in ${seconds} s (${response.finish_reason})`);
 }
 
 function handleFrame(frame, sentAt) {
@@ -96,38 +220,38 @@ function handleFrame(frame, sentAt) {
     if (payload === "[DONE]") return;
     const event = JSON.parse(payload);
     if (event.type === "token") addToken(event, sentAt);
-    else if (event.type === "done") finish(event.response);
-    else if (event.type === "error") setStatus(`error ${event.status}: ${event.detail}`, true);
+    else if (event.type === "done") finish(event.response, sentAt);
+    else if (event.type === "error") setSummary(`error ${event.status}: ${event.detail}`, true);
   }
 }
 
 async function generate(submitEvent) {
   submitEvent.preventDefault();
-  const button = $("#generate");
-  const head = $("#head").value || null;
-  const seed = $("#seed").value;
-  const body = {
-    prompt: $("#prompt").value,
-    head,
-    raw: $("#raw").checked,
-    max_new_tokens: Number($("#max-tokens").value),
-    compare: true,
-    stream: true,
-    decoding: { strategy: "greedy", top_k: Number($("#top-k").value), ...(seed !== "" ? { seed: Number(seed) } : {}) },
-  };
-  resetColumns(head);
-  setStatus("generating…");
-  button.disabled = true;
+  if (state.controller !== null || !state.ready) return;
+  if (!$("#prompt").value.trim()) {
+    setSummary("enter a prompt first", true);
+    $("#prompt").focus();
+    return;
+  }
+  note("");
+  const body = requestBody();
+  resetColumns(body);
+  setSummary("generating…");
+  const controller = new AbortController();
+  state.controller = controller;
+  updateButtons();
   const sentAt = performance.now();
   try {
     const response = await fetch("/generate", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
       body: JSON.stringify(body),
+      signal: controller.signal,
     });
     if (!response.ok) {
       const error = await response.json().catch(() => ({ detail: response.statusText }));
-      setStatus(`error ${response.status}: ${error.detail}`, true);
+      const detail = typeof error.detail === "string" ? error.detail : JSON.stringify(error.detail);
+      setSummary(`error ${response.status}: ${detail}`, true);
       return;
     }
     const reader = response.body.getReader();
@@ -143,16 +267,121 @@ async function generate(submitEvent) {
         buffer = buffer.slice(end + 2);
       }
     }
-    if (!$("#status").classList.contains("error")) {
-      setStatus(`done in ${((performance.now() - sentAt) / 1000).toFixed(2)} s`);
-    }
   } catch (error) {
-    setStatus(`request failed: ${error.message}`, true);
+    if (controller.signal.aborted) {
+      setSummary(`stopped: ${columns.main.count} tokens received; the server has dropped the request`);
+    } else {
+      setSummary(`request failed: ${error.message}`, true);
+    }
   } finally {
-    button.disabled = false;
+    state.controller = null;
+    updateButtons();
   }
 }
 
+// --- the token panel: probability and alternatives, for mouse, touch and keyboard alike ---
+function addAlternative(table, text, p, chosen) {
+  const row = table.tBodies[0].insertRow();
+  row.classList.toggle("chosen", chosen);
+  const code = document.createElement("code");
+  code.textContent = JSON.stringify(text);
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  bar.setAttribute("aria-hidden", "true");
+  bar.style.setProperty("--w", `${(p * 100).toFixed(1)}%`);
+  row.insertCell().append(code);
+  row.insertCell().append(bar);
+  row.insertCell().textContent = `${p.toFixed(3)}${chosen ? " (chosen)" : ""}`;
+}
+
+function showInfo(span) {
+  const event = tokenData.get(span);
+  if (!event) return;
+  const info = $("#token-info");
+  const p = Math.exp(event.logprob);
+  const title = document.createElement("p");
+  const code = document.createElement("code");
+  code.textContent = JSON.stringify(event.token);
+  title.append(code, ` p = ${p.toFixed(3)} (logprob ${event.logprob.toFixed(3)}) · ${columns[event.decoder].label}`);
+  const parts = [title];
+  if (event.top && event.top.length) {
+    const table = document.createElement("table");
+    table.createCaption().textContent = "Most likely at this step";
+    table.createTBody();
+    for (const alt of event.top) addAlternative(table, alt.token, Math.exp(alt.logprob), alt.token_id === event.token_id);
+    parts.push(table);
+  }
+  info.replaceChildren(...parts);
+  info.hidden = false;
+  if (state.shown && state.shown !== span) state.shown.removeAttribute("aria-describedby");
+  span.setAttribute("aria-describedby", "token-info");
+  state.shown = span;
+  if (NARROW.matches) {
+    info.style.left = info.style.top = "";
+    return;
+  }
+  const box = span.getBoundingClientRect();
+  const width = info.offsetWidth;
+  const left = Math.min(box.left, document.documentElement.clientWidth - width - 8);
+  info.style.left = `${Math.max(8, left) + scrollX}px`;
+  info.style.top = `${box.bottom + scrollY + 6}px`;
+}
+
+function hideInfo() {
+  $("#token-info").hidden = true;
+  if (state.shown) state.shown.removeAttribute("aria-describedby");
+  state.shown = null;
+}
+
+function focusToken(span) {
+  if (!span) return;
+  for (const other of span.parentElement.querySelectorAll('.token[tabindex="0"]')) other.tabIndex = -1;
+  span.tabIndex = 0;
+  span.focus();
+}
+
+const tokenOf = (target) => (target instanceof Element ? target.closest(".columns .token") : null);
+const board = $(".columns");
+board.addEventListener("focusin", (event) => {
+  const span = tokenOf(event.target);
+  if (span) showInfo(span);
+});
+board.addEventListener("focusout", (event) => {
+  if (tokenOf(event.target) === state.shown && !tokenOf(event.relatedTarget)) hideInfo();
+});
+board.addEventListener("click", (event) => focusToken(tokenOf(event.target))); // a tap focuses, so it shows
+board.addEventListener("mouseover", (event) => {
+  const span = tokenOf(event.target);
+  if (span) showInfo(span);
+});
+board.addEventListener("mouseout", (event) => {
+  if (!tokenOf(event.target) || tokenOf(event.relatedTarget)) return;
+  const focused = tokenOf(document.activeElement);
+  if (focused) showInfo(focused);
+  else hideInfo();
+});
+board.addEventListener("keydown", (event) => {
+  const span = tokenOf(event.target);
+  if (!span) return;
+  const all = [...span.parentElement.children];
+  const moves = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 };
+  if (event.key in moves) focusToken(all[all.indexOf(span) + moves[event.key]]);
+  else if (event.key === "Home") focusToken(all[0]);
+  else if (event.key === "End") focusToken(all[all.length - 1]);
+  else if (event.key === "Escape") hideInfo();
+  else return;
+  event.preventDefault();
+});
+
+for (const span of document.querySelectorAll(".legend .token[data-p]")) paint(span, Number(span.dataset.p));
 $("#form").addEventListener("submit", generate);
-loadBase();
-loadHeads();
+$("#stop-button").addEventListener("click", () => state.controller?.abort());
+$("#head").addEventListener("change", () => { state.headPicked = true; });
+$("#max-tokens").addEventListener("change", () => clampNumber($("#max-tokens"), "Max tokens"));
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !event.isComposing) {
+    event.preventDefault();
+    $("#form").requestSubmit();
+  }
+});
+pollReady();

@@ -18,31 +18,44 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from starlette.types import Message
-from torch import Tensor, nn
+from torch import Tensor
 
+from heads import HeadModule
 from heads.base import Base
-from heads.sampling import SamplingParams
+from heads.sampling import NonFiniteLogitsError, SamplingParams
 from server.app import create_app, load_runtime
 from server.engine import Engine, Pending
 from server.errors import GenerationFailedError, HeadOutputError
 from server.metrics import Metrics
+from server.next_tokens import public_error
 from server.sequence import GenerationJob, JobResult, Sequence
 from server.settings import Settings
 from tests.integration.test_isolation import PROMPTS, _wait_for
 
 # -- the engine driven directly -------------------------------------------------------------------
 
-class ConstantHead(nn.Module):
+class ConstantHead(HeadModule):
     """A head whose every logit is `value` (NaN, inf ...), or whose decode raises when `value` is None."""
+
+    head_type = "constant-test-head"
 
     def __init__(self, vocab_size: int, value: float | None) -> None:
         super().__init__()
         self.vocab_size, self.value = vocab_size, value
 
-    def decode(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, embeddings: Tensor) -> Tensor:
+        return self.decode(hidden.flatten(0, -2)).view(*hidden.shape[:-1], self.vocab_size)
+
+    def prepare(self, embeddings: Tensor) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def decode(self, hidden_last: Tensor, base_logits: Tensor | None = None) -> Tensor:
         if self.value is None:
             raise RuntimeError("decode failed")
-        return torch.full((hidden.shape[0], self.vocab_size), self.value)
+        return torch.full((hidden_last.shape[0], self.vocab_size), self.value)
 
 
 @dataclass
@@ -149,6 +162,19 @@ def test_a_sequence_never_records_a_number_json_cannot_carry(lively_base: Base) 
         with pytest.raises(ValueError, match="non-finite"):
             seq.add_top([5, 6], [-0.1, bad])
     assert seq.token_ids == [] and seq.logprobs == [] and seq.top == []
+
+
+def test_non_finite_logits_blame_the_head_that_made_them_never_the_base(lively_base: Base) -> None:
+    """A head's NaN logits are the head's fault (409 naming it); the base's own are ours (500), not a head's."""
+    def sequence(head: HeadModule | None, label: str) -> Sequence:
+        return Sequence(decoder="greedy", head_label=label, head=head, params=SamplingParams(), generator=None,
+                        max_new_tokens=4)
+
+    error = NonFiniteLogitsError([0])
+    own = public_error(sequence(ConstantHead(lively_base.vocab_size, float("nan")), "nan-head"), error)
+    assert isinstance(own, HeadOutputError) and "'nan-head'" in str(own)
+    base = public_error(sequence(None, "base"), error)
+    assert isinstance(base, GenerationFailedError) and "base model" in str(base) and "head" not in str(base)
 
 
 # -- disconnects and shutdown ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,65 @@ def test_head_for_another_base_exits_2(tiny_base_dir: Path, other_base_dir: Path
     assert other_fingerprint in err and load_base(str(tiny_base_dir)).fingerprint in err
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_evaluate_prints_where_it_wrote_and_how_to_serve_the_heads(tiny_base_dir: Path, head_dir: Path,
+                                                                  synth_dir: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    report = _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "a")
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'a' / 'report.md'}, {tmp_path / 'a' / 'report.json'} and" in printed
+    assert f"-m clients register {head_dir} --name math-ba" in printed
+    assert "-m clients generate --head math-ba" in printed and report["rows"][2]["samples"][0]["problem"] in printed
+
+
+def test_report_md_shows_every_rows_samples_and_robust_errors(tiny_base_dir: Path, head_dir: Path, synth_dir: Path,
+                                                              tmp_path: Path) -> None:
+    report = _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "a")
+    markdown = (tmp_path / "a" / "report.md").read_text()
+    assert "| MedAE (n) | log10 err |" in markdown and "| MSE |" not in markdown
+    samples = markdown.split("## Sample generations", 1)[1]
+    for i, sample in enumerate(report["rows"][0]["samples"]):
+        section = samples.split(f"### {i + 1}. ", 1)[1].split("\n### ", 1)[0]
+        assert section.startswith(sample["problem"])
+        for row in report["rows"]:
+            assert row["samples"][i]["problem"] == sample["problem"]  # the same examples for every row
+            assert f"\n| {row['name']} | " in section
+    for row in report["rows"]:
+        assert row["median_abs_error"] is None or row["median_abs_error"] >= 0
+        assert (row["log10_error"] is None) == (row["n_parsed"] == 0)
+
+
+def test_from_json_renders_report_md_again_without_decoding(tiny_base_dir: Path, head_dir: Path, synth_dir: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "a")
+    written = (tmp_path / "a" / "report.md").read_text()
+    (tmp_path / "a" / "report.md").write_text("stale")
+    monkeypatch.setattr("training.evaluate.load_base", None)  # anything that would decode fails loudly
+    main(["--from-json", str(tmp_path / "a" / "report.json")])
+    assert (tmp_path / "a" / "report.md").read_text() == written
+
+
+def test_from_json_on_a_file_that_is_no_report_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "report.json").write_text('{"rows": []}')
+    with pytest.raises(SystemExit) as exc:
+        main(["--from-json", str(tmp_path / "report.json")])
+    assert exc.value.code == 2 and "not a report written by training.evaluate" in capsys.readouterr().err
+
+
+def test_decoding_logs_no_transformers_deprecation(tiny_base_dir: Path, head_dir: Path, synth_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """transformers 5 logs "`past_key_values` ... deprecated" once per process on the old cache keyword."""
+    warn_once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(warn_once, "cache_clear"):
+        warn_once.cache_clear()  # type: ignore[union-attr]  # so an earlier test cannot have used up the "once"
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    hf_logger = logging.getLogger("transformers")  # it does not propagate to the root logger
+    hf_logger.addHandler(handler)
+    try:
+        _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "a")
+    finally:
+        hf_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if "deprecated" in r.getMessage()] == []

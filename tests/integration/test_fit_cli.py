@@ -82,3 +82,20 @@ def test_unreadable_data_exits_2_with_a_message(tiny_base_dir, tmp_path, capsys)
     assert exit_info.value.code == 2
     assert "missing.jsonl: no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
+
+
+def test_fit_prints_what_it_wrote_and_the_commands_to_run_next(tiny_base_dir, synth_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "my-head"
+    run_fit(tiny_base_dir, synth_dir, out, "--epochs", "1", "--max-steps", "2")
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out}: backward_attention head for 'math', 2 steps")
+    assert f"loss curve: {out / 'loss_curve.png'}" in printed
+    assert f"-m training.evaluate --heads {out} --data {synth_dir} --out reports/my-head" in printed
+    assert f"-m clients register {out} --name my-head" in printed
+    # One epoch caches nothing that is read again: no "cached" speed, and never a "None".
+    assert "None" not in printed and "cached hidden states" not in printed
+
+
+def test_fit_reports_the_cached_speed_after_the_first_epoch(tiny_base_dir, synth_dir, tmp_path, capsys) -> None:
+    run_fit(tiny_base_dir, synth_dir, tmp_path / "h")
+    assert "tokens/s after it (cached hidden states)" in capsys.readouterr().out

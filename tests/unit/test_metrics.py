@@ -82,7 +82,25 @@ def test_numeric_errors_on_known_values() -> None:
 def test_numeric_errors_without_parseable_answers() -> None:
     errors = numeric_errors([None, "abc"], ["1", "2"])
     assert (errors.mse, errors.rmse, errors.n_parsed) == (None, None, 0)
+    assert (errors.median_abs_error, errors.log10_error) == (None, None)
     assert numeric_errors(["3"], ["3.0"]).mse == 0.0
+
+
+def test_robust_errors_ignore_a_runaway_answer_that_swamps_mse() -> None:
+    # Absolute errors 1, 2, 3 and one runaway of ~1e40: the median stays 2.5 while MSE is ~2.5e79.
+    errors = numeric_errors(["11", "8", "13", "1" + "0" * 40], ["10", "10", "10", "10"])
+    assert errors.median_abs_error == pytest.approx(2.5)
+    assert errors.mse == pytest.approx(1e80 / 4, rel=1e-6)
+    # log scale: |log10(12/11)|, |log10(9/11)|, |log10(14/11)| and 40 - log10(11) decades, averaged.
+    expected = (math.log10(12 / 11) + math.log10(11 / 9) + math.log10(14 / 11) + math.log10((1e40 + 1) / 11)) / 4
+    assert errors.log10_error == pytest.approx(expected)
+
+
+def test_log10_error_handles_zero_negative_and_overflowing_answers() -> None:
+    assert numeric_errors(["0"], ["0"]).log10_error == 0.0
+    assert numeric_errors(["-9"], ["9"]).log10_error == pytest.approx(2.0)  # -1 decade to +1 decade
+    huge = numeric_errors(["1" + "0" * 200], ["1"])  # squares past float range: MSE is inf, not an OverflowError
+    assert huge.mse == math.inf and huge.log10_error == pytest.approx(200 - math.log10(2))
 
 
 def test_token_prf_on_known_overlaps() -> None:
