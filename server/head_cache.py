@@ -54,6 +54,8 @@ class HeadCache:
         self._heads: OrderedDict[str, LoadedHead] = OrderedDict()
         self._uses: dict[str, int] = {}
         self._inflight: dict[str, tuple[HeadStamp | None, Future[LoadedHead]]] = {}
+        # The files (by stamp) whose probe passed: a head evicted and loaded again is not probed again.
+        self._probed: dict[str, HeadStamp | None] = {}
         self._norms: SharedNorms | None = None  # per-base quantities of factored heads, made on first need
         # Loads and upload checks, one at a time: preparing a head is a large matmul that already uses
         # every core, and loads of different heads would only thrash each other (and the engine).
@@ -136,7 +138,9 @@ class HeadCache:
                                          vocab_size=self.base.vocab_size, n_embd=self.base.n_embd)
                 with self._load_lock:
                     ready = self._serving_form(module)
-                    self.probe.check(ready)
+                    if entry.stamp is None or self._probed.get(name) != entry.stamp:
+                        self.probe.check(ready)
+                        self._probed[name] = entry.stamp
                 break
             except (HeadError, FileNotFoundError) as e:  # broken, for another base, or computing nonsense
                 current = self.registry.inspect(name)  # HeadNotFoundError (404) if it was deleted meanwhile
@@ -199,6 +203,7 @@ class HeadCache:
         with self._lock:
             self._heads.pop(name, None)
             self._uses.pop(name, None)
+            self._probed.pop(name, None)
             self.metrics.heads_resident.set(len(self._heads))
 
     def resident(self) -> set[str]:

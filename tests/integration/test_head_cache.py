@@ -65,3 +65,20 @@ def test_a_head_replaced_while_factored_is_reloaded_not_materialised_stale(base:
     shutil.copytree(REPO_ROOT / "registry" / "math-linear", registry.path("math"))
     assert isinstance(cache.get("math").module, LinearHead)
     assert isinstance(old.module, FactoredHead)
+
+
+def test_a_head_evicted_and_loaded_again_is_probed_once_per_version(base: Base, registry: Registry,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe costs V x D row products on every cold load; the same files passed it once already."""
+    cache = HeadCache(registry, base, Metrics(), capacity=1, materialize_after=0)
+    probed: list[int] = []
+    check = cache.probe.check
+    monkeypatch.setattr(cache.probe, "check", lambda head: (probed.append(1), check(head))[1])
+    for _ in range(3):  # capacity 1: each get evicts the other head
+        cache.get("math")
+        cache.get("math-linear")
+    assert len(probed) == 2
+    config = registry.root / "math" / "head_config.json"
+    config.write_text(config.read_text())  # a new version of the files (new inode and mtime)
+    cache.get("math")
+    assert len(probed) == 3
