@@ -37,7 +37,7 @@ from torch import Tensor
 
 from heads.base import Base
 from heads.sampling import SamplingParams, make_generator
-from server.errors import GenerationFailedError, NotReadyError, QueueFullError
+from server.errors import GenerationFailedError, HeadOutputError, NotReadyError, QueueFullError
 from server.metrics import Metrics
 from server.next_tokens import draw_tokens
 from server.ragged import Prefill, RaggedGPT2
@@ -354,6 +354,7 @@ class Engine:
 
     def _finish(self, running: Running) -> None:
         if running.error is not None:
+            self._count_failure(running, running.error)
             running.pending.answer(None, running.error)
             return
         main, *comparisons = running.sequences
@@ -375,7 +376,16 @@ class Engine:
         self.cache.release()
         self.metrics.active_sequences.set(0)
         for running in failed.values():
+            self._count_failure(running, running.error or error)
             running.pending.answer(None, running.error or error)
+
+    def _count_failure(self, running: Running, error: BaseException) -> None:
+        reason = ("head_output" if isinstance(error, HeadOutputError) else
+                  "decoding" if isinstance(error, GenerationFailedError) else "forward")
+        try:
+            self.metrics.failed_requests.labels(head=running.pending.job.head_label, reason=reason).inc()
+        except Exception:  # metrics are not worth a request
+            log.exception("counting a failed request failed")
 
     def _record(self, result: JobResult) -> None:
         main, label = result.main, result.main.head_label

@@ -11,6 +11,8 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 BASE_LABEL = "base"
+# Why the engine failed a request: its head's output (409), its own decoding (500), or the base's forward.
+FAILURE_REASONS = ("head_output", "decoding", "forward")
 UNKNOWN_LABEL = "unknown"  # a head the registry did not resolve (not registered, or not a valid name)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -52,7 +54,12 @@ class Metrics:
                                           "Requests dropped because their client went away (closed streams)",
                                           registry=r)
         self.queue_size = Gauge("headserve_queue_size", "Requests waiting for the engine worker", registry=r)
-        self._per_head = [(self.request_duration, ("route", "head", "status")),
+        # A stream that fails mid-way already answered 200, so request status alone cannot show it.
+        self.failed_requests = Counter("headserve_failed_requests_total",
+                                       "Requests the engine ended with an error, by why (FAILURE_REASONS)",
+                                       ["head", "reason"], registry=r)
+        self._per_head = [(self.failed_requests, ("head", "reason")),
+                          (self.request_duration, ("route", "head", "status")),
                           (self.requests_total, ("route", "head", "status")),
                           (self.time_to_first_token, ("head",)), (self.inter_token_latency, ("head",)),
                           (self.queue_wait, ("head",)), (self.generated_tokens, ("head", "decoder")),

@@ -107,6 +107,9 @@ def test_a_head_with_bad_output_fails_only_its_jobs_in_the_engine(lively_base: B
     assert result is None and isinstance(failure, HeadOutputError) and "'bad'" in str(failure)
     assert error in str(failure)
     assert [tokens(r) for r, e in others if e is None and r is not None] == reference
+    failed = {tuple(sample.labels.values()): sample.value for family in engine.metrics.failed_requests.collect()
+              for sample in family.samples if sample.name.endswith("_total")}
+    assert failed == {("bad", "head_output"): 1.0}  # counted once, under its head, and nobody else
 
 
 def test_a_failure_outside_any_sequence_settles_every_admitted_job_once(lively_base: Base,
