@@ -34,7 +34,8 @@ from heads.registry import HeadModule, get_head_type
 CONFIG_NAME = "head_config.json"
 WEIGHTS_NAME = "head.safetensors"
 FORMAT_VERSION = 1
-DEFAULT_PROMPT_TEMPLATE = "{problem}"
+PROMPT_PLACEHOLDER = "{problem}"  # where a prompt_template takes the prompt
+DEFAULT_PROMPT_TEMPLATE = PROMPT_PLACEHOLDER
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CONFIG_BYTES = 1024 * 1024  # head_config.json holds a config and a training summary: kilobytes
 MAX_JSON_DEPTH = 16  # ours nest 3 deep (training.final_metrics); deeper JSON only costs stack to parse and echo
@@ -181,7 +182,7 @@ def parse_metadata(config_bytes: bytes, source: str = CONFIG_NAME) -> HeadMetada
     if not isinstance(raw.get("training", {}), dict):
         raise HeadFormatError(f"{source}: training must be an object")
     template = raw.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
-    if "{problem}" not in template:
+    if PROMPT_PLACEHOLDER not in template:
         raise HeadFormatError(f"{source}: prompt_template must contain the placeholder {{problem}}")
     meta = HeadMetadata(**raw)
     head_parameters(meta, source)  # the config is an object, valid for its kind, within its bounds

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from starlette.concurrency import run_in_threadpool
 
 from heads.sampling import SamplingParams
+from heads.storage import DEFAULT_PROMPT_TEMPLATE, PROMPT_PLACEHOLDER
 from server.errors import InvalidRequestError
 from server.metrics import BASE_LABEL
 from server.registry import Registry
 from server.sequence import GenerationJob
 from server.settings import Settings
 from server.state import Runtime
-
-PLACEHOLDER = "{problem}"  # where a head's prompt_template takes the prompt
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def check_max_new_tokens(value: int, settings: Settings) -> int:
 
 def prompt_template(head: str | None, registry: Registry) -> str:
     """The head's training template; raises HeadNotFoundError (404) before anything is queued."""
-    return registry.metadata(head).prompt_template if head is not None else PLACEHOLDER
+    return registry.metadata(head).prompt_template if head is not None else DEFAULT_PROMPT_TEMPLATE
 
 
 async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -> tuple[GenerationJob, str]:
@@ -58,12 +57,12 @@ async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -
         # The formatted length, known before formatting: a prompt that cannot fit is refused before
         # the server pays for building or tokenising it.
         length = len(request.prompt) if request.raw else \
-            len(template) + template.count(PLACEHOLDER) * (len(request.prompt) - len(PLACEHOLDER))
+            len(template) + template.count(PROMPT_PLACEHOLDER) * (len(request.prompt) - len(PROMPT_PLACEHOLDER))
         if length > runtime.prompt_char_limit:
             raise InvalidRequestError(f"the prompt is {length} characters once formatted; no prompt longer than "
                                       f"{runtime.prompt_char_limit} characters fits the limit of "
                                       f"{runtime.prompt_token_limit} tokens")
-        prompt = request.prompt if request.raw else template.replace(PLACEHOLDER, request.prompt)
+        prompt = request.prompt if request.raw else template.replace(PROMPT_PLACEHOLDER, request.prompt)
         # Tokenizing a long prompt takes a while; keep it off the event loop.
         prompt_ids = await run_in_threadpool(lambda: list(tokenizer(prompt)["input_ids"]))
     else:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from heads.storage import PROMPT_PLACEHOLDER
+
 COLUMNS = ("problem", "generated_solution", "expected_answer")
 PROMPT_TEMPLATE = "Problem: {problem}\nSolution:"
 ANSWER_PREFIX = "Final answer:"
@@ -43,7 +45,7 @@ class LoadStats:
 
 
 def format_prompt(problem: str, template: str = PROMPT_TEMPLATE) -> str:
-    return template.replace("{problem}", problem)
+    return template.replace(PROMPT_PLACEHOLDER, problem)
 
 
 def format_target(example: Example) -> str:

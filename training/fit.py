@@ -34,6 +34,7 @@ from heads import (
     save_head,
 )
 from heads.base import Base, default_base, load_base
+from heads.storage import PROMPT_PLACEHOLDER
 from training import cli
 from training.data import PROMPT_TEMPLATE, DataError, collate, encode, load_examples
 
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.lr = 3e-4 if args.kind == "linear" else 3e-3
     if args.epochs < 1 or args.batch_size < 1 or not 0 <= args.val_fraction < 1:
         p.error("--epochs and --batch-size must be >= 1 and --val-fraction in [0, 1)")
-    if "{problem}" not in args.prompt_template:
+    if PROMPT_PLACEHOLDER not in args.prompt_template:
         p.error("--prompt-template must contain {problem}")
     return args
 
