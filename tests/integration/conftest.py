@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
 from heads.base import Base, load_base
 from server.app import create_app
 from server.settings import Settings
+from tests.integration.ready import wait_ready
 
 MATH_TEMPLATE = "Problem: {problem}\nSolution:"
 
@@ -36,10 +36,7 @@ def lively_client(lively_base_dir: Path, lively_base: Base,
     (heads_dir / "broken").mkdir()
     settings = Settings(base_model=str(lively_base_dir), heads_dir=heads_dir, device="cpu", max_new_tokens=64)
     with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").json()
-            time.sleep(0.02)
+        wait_ready(client)
         yield client
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from heads import CONFIG_NAME, WEIGHTS_NAME, BackwardAttentionConfig, BackwardAt
 from heads.base import load_base
 from server.app import create_app
 from server.settings import Settings
+from tests.integration.ready import wait_ready
 
 TOKEN = "s3cret-token"
 
@@ -51,10 +51,7 @@ def serve(tiny_base_dir: Path, tmp_path: Path, head_files: dict[str, bytes]) -> 
         client = TestClient(create_app(settings))
         client.__enter__()
         opened.append(client)
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_ready(client)
         return client
 
     yield make

@@ -7,7 +7,6 @@ retrained head or base changes an answer, this test names the example to update.
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +15,7 @@ from fastapi.testclient import TestClient
 from heads.base import EMBEDDED_BASE, REPO_ROOT
 from server.app import create_app
 from server.settings import Settings
+from tests.integration.ready import wait_ready
 
 PROBLEM = "Hana gets 4 bags with 32 apples each, uses 33 of them, then gets 10 more. How many apples does Hana have?"
 HEAD_ANSWER = (" The bags hold 4 * 32 = 128. After using 33, 128 - 33 = 95. Getting 10 more gives 95 + 10 = 105. "
@@ -31,10 +31,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     shutil.copytree(REPO_ROOT / "registry", heads)
     settings = Settings(base_model=str(EMBEDDED_BASE), heads_dir=heads, device="cpu")
     with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").json()
-            time.sleep(0.05)
+        wait_ready(client, timeout=60)
         yield client
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,17 +15,11 @@ from heads import BackwardAttentionConfig, BackwardAttentionHead, LinearHead, lo
 from heads.base import Base, load_base
 from server.app import create_app
 from server.settings import Settings
+from tests.integration.ready import wait_ready
 from training.decoding import generate as reference_generate
 
 TEMPLATE = "Problem: {problem}\nSolution:"
 MAX_NEW = 32
-
-
-def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

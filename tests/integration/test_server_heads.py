@@ -6,7 +6,6 @@ import json
 import pickle
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,10 @@ from heads import CONFIG_NAME, WEIGHTS_NAME, BackwardAttentionConfig, BackwardAt
 from heads.base import Base, load_base
 from server.app import create_app
 from server.settings import Settings
+from tests.integration.ready import wait_ready
 
 TEMPLATE = "Problem: {problem}\nSolution:"
 TRAINING = {"steps": 10, "seed": 0, "final_metrics": {"val_loss": 1.5, "exact_match": 0.25}}
-
-
-def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

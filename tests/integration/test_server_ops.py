@@ -19,6 +19,7 @@ from heads.base import Base, load_base
 from server import __main__ as cli
 from server.app import create_app
 from server.settings import Settings
+from tests.integration.ready import wait_ready
 
 TEMPLATE = "Problem: {problem}\nSolution:"
 METRIC_NAMES = [
@@ -27,13 +28,6 @@ METRIC_NAMES = [
     "headserve_requests_total", "headserve_head_load_seconds", "headserve_heads_resident", "headserve_queue_size",
     "headserve_head_loads_total",
 ]
-
-
-def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json()
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ head changed (and its `bytes` grew) after a server had seen it.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 import heads.storage
 from server.app import create_app
 from server.settings import Settings
+from tests.integration.ready import wait_ready
 from training import fit, pretrain
 
 
@@ -98,9 +98,6 @@ def test_the_loss_curve_is_in_the_head_folder_before_it_becomes_visible(
     on_disk = sum(p.stat().st_size for p in folder.iterdir())
     settings = Settings(base_model=str(tiny_base_dir), heads_dir=root, device="cpu")
     with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_ready(client)
         summary = client.get("/heads/math").json()
     assert summary["bytes"] == on_disk > (folder / fit.LOSS_CURVE_NAME).stat().st_size
