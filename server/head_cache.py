@@ -38,7 +38,7 @@ class LoadedHead:
     name: str
     module: ServingHead  # ready to decode on the base's device, eval mode
     meta: HeadMetadata
-    stamp: HeadStamp | None
+    stamp: HeadStamp
 
 
 class HeadCache:
@@ -54,8 +54,9 @@ class HeadCache:
         self._heads: OrderedDict[str, LoadedHead] = OrderedDict()
         self._uses: dict[str, int] = {}
         self._inflight: dict[str, tuple[HeadStamp | None, Future[LoadedHead]]] = {}
-        # The files (by stamp) whose probe passed: a head evicted and loaded again is not probed again.
-        self._probed: dict[str, HeadStamp | None] = {}
+        # The files (by stamp) whose probe passed: a head evicted and loaded again, or uploaded (checked by
+        # `check_upload`) and then loaded, is not probed again.
+        self._probed: dict[str, HeadStamp] = {}
         self._norms: SharedNorms | None = None  # per-base quantities of factored heads, made on first need
         # Loads and upload checks, one at a time: preparing a head is a large matmul that already uses
         # every core, and loads of different heads would only thrash each other (and the engine).
@@ -138,7 +139,7 @@ class HeadCache:
                                          vocab_size=self.base.vocab_size, n_embd=self.base.n_embd)
                 with self._load_lock:
                     ready = self._serving_form(module)
-                    if entry.stamp is None or self._probed.get(name) != entry.stamp:
+                    if self._probed.get(name) != entry.stamp:
                         self.probe.check(ready)
                         self._probed[name] = entry.stamp
                 break
@@ -197,6 +198,13 @@ class HeadCache:
                 log.info("materialised head %r in %.3fs", factored.name, time.perf_counter() - start)
         except Exception:  # the factored form keeps serving; nothing a client could act on
             log.exception("materialising head %r failed", factored.name)
+
+    def registered(self, entry: HeadEntry) -> None:
+        """A head was just uploaded: drop any old copy (never serve it again), and remember that these files
+        passed the probe in `check_upload`, so their first load does not run it again."""
+        self.discard(entry.name)
+        with self._lock:
+            self._probed[entry.name] = entry.stamp
 
     def discard(self, name: str) -> None:
         """Forget a deleted head; requests still using it keep their own reference."""

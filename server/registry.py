@@ -51,7 +51,7 @@ class HeadEntry:
     """What the registry knows about one version of a head folder."""
 
     name: str
-    stamp: HeadStamp | None  # None for an entry made from an upload just written
+    stamp: HeadStamp  # the version of the files this entry describes
     meta: HeadMetadata | None  # None when head_config.json itself is unusable
     error: str | None  # why it cannot be served (files, base, or a failed load); None: ready
     bytes: int  # the folder's files on disk
@@ -194,13 +194,14 @@ class Registry:
         target = self.path(name)
         with staged(target, "upload") as tmp:
             write_files(tmp, config_bytes, weights_bytes)
+            stamp = self._stamp(tmp)  # renaming keeps inodes, times and sizes: the stamp the files have once in place
             try:
                 swap_in(tmp, target, replace=replace)
             except FileExistsError:
                 raise HeadExistsError(f"a head named {name!r} already exists; pass replace=true to overwrite it"
                                       ) from None
         log.info("registered head %r (%s, %d weight bytes)", name, meta.head_type, len(weights_bytes))
-        return HeadEntry(name, None, meta, None, len(config_bytes) + len(weights_bytes))
+        return HeadEntry(name, stamp, meta, None, len(config_bytes) + len(weights_bytes))
 
     def delete(self, name: str) -> None:
         """Remove the folder: renamed out of sight in one step (under the writers' lock), then removed."""

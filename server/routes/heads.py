@@ -76,7 +76,7 @@ async def register_head(request: Request, runtime: RuntimeDep, registry: Registr
     meta = await asyncio.wrap_future(runtime.head_cache.check_upload(files["config"], files["weights"]))
     entry = await run_in_threadpool(lambda: registry.register(name, files["config"], files["weights"], meta,
                                                               replace=replace))
-    runtime.head_cache.discard(name)  # a replaced head must never be served from its old copy
+    runtime.head_cache.registered(entry)  # a replaced head must never be served from its old copy
     set_head_label(request, name)
     return summarize(entry, set())
 

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 import server.head_cache as head_cache_module
 from heads import CONFIG_NAME, WEIGHTS_NAME, BackwardAttentionConfig, BackwardAttentionHead, LinearHead, save_head
 from heads.base import Base
-from server.head_checks import MAX_ABS_LOGIT
+from server.head_checks import MAX_ABS_LOGIT, HeadProbe
 from tests.integration.test_server_heads import (  # noqa: F401  (the app fixtures of the heads API tests)
     TEMPLATE,
     base,
@@ -250,3 +250,23 @@ def test_health_answers_while_a_slow_load_has_many_waiters(client: TestClient, b
         for w in waiters:
             w.join(60)
     assert results == [200] * 60 and loads == ["slow"]  # sixty requests, one load
+
+
+def test_an_uploaded_head_is_probed_once_not_again_at_its_first_load(client: TestClient, base: Base, heads_dir: Path,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upload's probe covers the files it wrote; a hand edit afterwards is a new version, probed again."""
+    probed: list[int] = []
+    real = HeadProbe.check
+    monkeypatch.setattr(HeadProbe, "check", lambda self, head: (probed.append(1), real(self, head))[1])
+    loads = count_loads(monkeypatch)
+    config, weights = head_files(base, tmp_path)
+    assert upload(client, "once", config, weights).status_code == 201
+    assert probed == [1]
+    for _ in range(2):
+        r = client.post("/generate", json={"prompt": "1 + 1", "head": "once", "max_new_tokens": 2})
+        assert r.status_code == 200, r.text
+    assert loads == ["once"] and probed == [1]
+    (heads_dir / "once" / CONFIG_NAME).write_bytes(config)  # same bytes, new version of the file
+    assert client.post("/generate", json={"prompt": "1 + 1", "head": "once", "max_new_tokens": 2}).status_code == 200
+    assert loads == ["once", "once"] and probed == [1, 1]
