@@ -182,7 +182,7 @@ class Registry:
     def check_free(self, name: str, replace: bool) -> None:
         """409 early for a taken name (`register` checks again under the lock)."""
         if not replace and os.path.lexists(self.path(name)):
-            raise HeadExistsError(f"a head named {name!r} already exists; pass replace=true to overwrite it")
+            raise _taken(name)
 
     def register(self, name: str, config_bytes: bytes, weights_bytes: bytes, meta: HeadMetadata, *,
                  replace: bool) -> HeadEntry:
@@ -198,8 +198,7 @@ class Registry:
             try:
                 swap_in(tmp, target, replace=replace)
             except FileExistsError:
-                raise HeadExistsError(f"a head named {name!r} already exists; pass replace=true to overwrite it"
-                                      ) from None
+                raise _taken(name) from None
         log.info("registered head %r (%s, %d weight bytes)", name, meta.head_type, len(weights_bytes))
         return HeadEntry(name, stamp, meta, None, len(config_bytes) + len(weights_bytes))
 
@@ -212,6 +211,10 @@ class Registry:
         with self._lock:
             self._entries.pop(name, None)
         log.info("deleted head %r", name)
+
+
+def _taken(name: str) -> HeadExistsError:
+    return HeadExistsError(f"a head named {name!r} already exists; pass replace=true to overwrite it")
 
 
 def public_message(error: Exception, root: Path) -> str:
