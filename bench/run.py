@@ -132,7 +132,7 @@ def prepare_fixtures(s: BenchSettings, workdir: Path) -> tuple[Path, Path, Path,
     """Base folder, heads (4 mixed + N for the many-heads run), prompts, and the per-head memory numbers."""
     from heads import WEIGHTS_NAME, load_head
     from heads.base import load_base
-    from server.factored import FactoredHead, SharedNorms, factorable
+    from heads.factored import FactoredHead, SharedNorms, factorable
 
     base_dir = fixtures.ensure_base(s.n_layer, log=_log)
     base = load_base(str(base_dir), device=s.device, dtype=DTYPES[s.dtype])

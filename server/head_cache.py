@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from heads import HeadError, HeadMetadata, HeadModule, load_head, load_head_bytes
 from heads.base import Base
+from heads.factored import FactoredHead, ServingHead, SharedNorms, factorable
 from server.errors import HeadUnavailableError
-from server.factored import FactoredHead, ServingHead, SharedNorms, factorable
 from server.head_checks import HeadProbe
 from server.metrics import Metrics
 from server.registry import HeadEntry, HeadStamp, Registry, public_message
@@ -45,7 +45,7 @@ class HeadCache:
     def __init__(self, registry: Registry, base: Base, metrics: Metrics, capacity: int,
                  materialize_after: int = 2) -> None:
         """`materialize_after`: a backward-attention head serves its first uses in factored form
-        (server/factored.py: milliseconds to load, kilobytes resident) and has its keys materialised
+        (heads/factored.py: milliseconds to load, kilobytes resident) and has its keys materialised
         in the background on this use (1: at load, synchronously; 0: never)."""
         self.registry, self.base, self.metrics, self.capacity = registry, base, metrics, capacity
         self.materialize_after = materialize_after

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from heads import HeadFormatError
 from heads.base import Base
-from server.factored import FactoredHead
+from heads.factored import FactoredHead
 from server.head_logits import Head
 
 # Two states, one of the template heads are trained with and one of plain prose: weights that overflow do

@@ -2,7 +2,7 @@
 
 The base's LM head runs once for the whole step, over the hidden states of every row that needs
 the base's logits (its own rows, residual or "probs" heads) stacked with the projections of every
-factored head's rows (server/factored.py): one V x D product however many heads are in the batch.
+factored head's rows (heads/factored.py): one V x D product however many heads are in the batch.
 Each materialised head then decodes its own group once.
 
 A head that raises (in its projection or its decode) spoils only its own group: that group gets the
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from heads.base import Base
-from server.factored import FactoredHead, ServingHead
+from heads.factored import FactoredHead, ServingHead
 
 Head = ServingHead | None  # None: the base's own linear LM head
 

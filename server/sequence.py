@@ -19,8 +19,8 @@ from typing import Protocol
 
 import torch
 
+from heads.factored import ServingHead
 from heads.sampling import NonFiniteLogitsError, SamplingParams
-from server.factored import ServingHead
 from server.schemas import FinishReason
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ import torch
 
 from heads import BackwardAttentionConfig, BackwardAttentionHead, load_head
 from heads.base import EMBEDDED_BASE, REPO_ROOT, Base, load_base
+from heads.factored import FactoredHead, SharedNorms
 from heads.sampling import SamplingParams
 from server.engine import Engine, Pending
-from server.factored import FactoredHead, SharedNorms
 from server.metrics import Metrics
 from server.ragged import Prefill, RaggedGPT2
 from server.sequence import GenerationJob, JobResult

@@ -10,7 +10,7 @@ import pytest
 
 from heads import BackwardAttentionHead, LinearHead
 from heads.base import EMBEDDED_BASE, REPO_ROOT, Base, load_base
-from server.factored import FactoredHead
+from heads.factored import FactoredHead
 from server.head_cache import HeadCache
 from server.metrics import Metrics
 from server.registry import Registry

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
 from heads.base import Base
+from heads.factored import FactoredHead
 from server.engine import Engine
-from server.factored import FactoredHead
 from server.sequence import Sequence
 
 MATH_TEMPLATE = "Problem: {problem}\nSolution:"  # as the `math` head of conftest.py

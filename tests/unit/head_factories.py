@@ -1,4 +1,4 @@
-"""Random backward-attention heads for the unit tests of heads/ and server/factored.py."""
+"""Random backward-attention heads for the unit tests of heads/ and heads/factored.py."""
 
 from __future__ import annotations
 

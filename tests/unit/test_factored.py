@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.factored import FactoredHead, SharedNorms, factorable
+from heads.factored import FactoredHead, SharedNorms, factorable
 from tests.unit.head_factories import D, V, make_head
 
 

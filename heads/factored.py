@@ -26,7 +26,8 @@ from typing import TypeGuard
 import torch
 from torch import Tensor
 
-from heads import BackwardAttentionHead, HeadModule
+from heads.backward_attention import BackwardAttentionHead
+from heads.registry import HeadModule
 
 
 class SharedNorms:
