@@ -13,10 +13,19 @@ and a row with a non-finite value raises `NonFiniteLogitsError` instead of reach
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class FinishReason(str, Enum):
+    """Why a decode ended: the one list, shared by the server's answers and training's generations."""
+
+    length = "length"  # max_new_tokens or the base context ran out
+    eos = "eos"  # the model produced its end-of-sequence token
+    stop = "stop"  # a stop string appeared; it is trimmed from the text
 
 STRATEGIES = ("greedy", "top_k", "top_p")
 # Below this temperature sampling is greedy: the distribution is one-hot to float32 precision anyway, and

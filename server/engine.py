@@ -41,7 +41,7 @@ from server.errors import GenerationFailedError, HeadOutputError, NotReadyError,
 from server.metrics import Metrics
 from server.next_tokens import draw_tokens
 from server.ragged import Prefill, RaggedGPT2
-from server.schemas import COMPARE_ALL
+from server.schemas import BASE_LABEL, COMPARE_ALL
 from server.sequence import GenerationJob, JobResult, Pending, Running, Sequence, Settle
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Engine:
     def warm_up(self) -> None:
         """One short batched decode through the real code path, so the first request pays no first-call costs."""
         prompt = list(self.base.tokenizer("Warm up")["input_ids"]) or [self.eos_id or 0]
-        jobs = [GenerationJob(prompt_ids=prompt, head=None, head_label="base", params=SamplingParams(), seed=0,
+        jobs = [GenerationJob(prompt_ids=prompt, head=None, head_label=BASE_LABEL, params=SamplingParams(), seed=0,
                               max_new_tokens=2, compare=COMPARE_ALL) for _ in range(2)]
         served, self.metrics = self.metrics, Metrics()  # warm-up is not traffic: keep it out of /metrics
         try:
@@ -196,7 +196,7 @@ class Engine:
                               top_logprobs=job.top_logprobs)]
         for strategy in job.compare:
             params = SamplingParams(strategy=strategy, top_k=job.params.top_k, temperature=job.params.temperature)
-            sequences.append(Sequence(decoder=COMPARISON_DECODERS[strategy], head_label="base", head=None,
+            sequences.append(Sequence(decoder=COMPARISON_DECODERS[strategy], head_label=BASE_LABEL, head=None,
                                       params=params, generator=self._generator(params, job.seed),
                                       max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos,
                                       top_logprobs=job.top_logprobs))

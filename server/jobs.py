@@ -17,8 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from heads.sampling import SamplingParams
 from heads.storage import DEFAULT_PROMPT_TEMPLATE, PROMPT_PLACEHOLDER
 from server.errors import InvalidRequestError
-from server.metrics import BASE_LABEL
 from server.registry import Registry
+from server.schemas import BASE_LABEL
 from server.sequence import GenerationJob
 from server.settings import Settings
 from server.state import Runtime

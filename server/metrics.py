@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-BASE_LABEL = "base"
 # Why the engine failed a request: its head's output (409), its own decoding (500), or the base's forward.
 FAILURE_REASONS = ("head_output", "decoding", "forward")
 UNKNOWN_LABEL = "unknown"  # a head the registry did not resolve (not registered, or not a valid name)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from heads.sampling import FinishReason
+
 HEAD_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+# The name of the base's own linear head wherever a head is named: /v1 `model`, metric labels, comparisons.
+# Never a head's name in practice: uploads under it are refused (server/registry.py).
+BASE_LABEL = "base"
 DEFAULT_MAX_NEW_TOKENS = 64
 COMPARE_ALL = ("greedy", "top_k")
 
@@ -23,12 +27,6 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class FinishReason(str, Enum):
-    length = "length"  # max_new_tokens or the base context ran out
-    eos = "eos"  # the model produced its end-of-sequence token
-    stop = "stop"  # a stop string appeared; it is trimmed from the text
 
 
 class Decoding(Strict):
@@ -111,9 +109,10 @@ class GenerateResponse(BaseModel):
 
 class HeadSummary(BaseModel):
     name: str
-    # "invalid": the folder cannot be served (bad files, another base, or its logits failed the probe
-    # check); `error` says why, requests for it get 409, and fields its config cannot tell are null.
-    status: Literal["ready", "invalid"] = "ready"
+    # "invalid": the folder cannot be served (bad files, or its logits failed the probe check);
+    # "incompatible": a sound head made for another base (a registry shared by servers of different bases).
+    # Either way `error` says why, requests for it get 409, and fields its config cannot tell are null.
+    status: Literal["ready", "invalid", "incompatible"] = "ready"
     error: str | None = None
     type: str | None = None
     task: str | None = None
@@ -121,7 +120,8 @@ class HeadSummary(BaseModel):
     resident: bool
     prompt_template: str | None = None
     base_model_name_or_path: str | None = None
-    base_fingerprint: str | None = None
+    base_fingerprint: str | None = None  # the base the head was made for
+    served_base_fingerprint: str | None = None  # set when incompatible: the base this server serves
     created_at: str | None = None
     config: dict[str, Any] | None = None
     training: dict[str, Any] | None = None

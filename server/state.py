@@ -12,8 +12,9 @@ from heads.base import Base
 from server.engine import Engine
 from server.errors import AuthInvalidError, AuthMissingError, NotReadyError, WritesDisabledError
 from server.head_cache import HeadCache
-from server.metrics import BASE_LABEL, UNKNOWN_LABEL, Metrics
+from server.metrics import UNKNOWN_LABEL, Metrics
 from server.registry import Registry
+from server.schemas import BASE_LABEL
 from server.settings import Settings
 
 

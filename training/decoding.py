@@ -20,7 +20,7 @@ from torch import Tensor
 
 from heads import HeadModule
 from heads.base import Base
-from heads.sampling import SamplingParams, sample
+from heads.sampling import FinishReason, SamplingParams, sample
 from training.data import collate
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ STRATEGIES = ("greedy", "top_k")
 class Generation:
     token_ids: list[int]  # generated ids, including the EOS that ended the row (if one did)
     text: str  # token_ids decoded without special tokens
-    finish_reason: str  # "eos" or "length" (max_new_tokens or the base context ran out)
+    finish_reason: str  # a FinishReason value: "eos" or "length" (max_new_tokens or the base context ran out)
     n_tokens: int  # len(token_ids): every token the model produced, EOS included
 
 
@@ -84,7 +84,7 @@ def _generate_batch(base: Base, prompts: list[list[int]], step_logits: Callable[
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W)
     out = base.hidden_states(input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
     generated: list[list[int]] = [[] for _ in prompts]
-    reasons = ["length"] * len(prompts)
+    reasons = [FinishReason.length.value] * len(prompts)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(int(budget.max())):
         next_ids = _choose(step_logits(out.last_hidden_state[:, -1]), strategy, top_k, generator)  # (B,)
@@ -95,7 +95,7 @@ def _generate_batch(base: Base, prompts: list[list[int]], step_logits: Callable[
             if active:
                 generated[i].append(token)
             if stop:
-                reasons[i] = "eos"
+                reasons[i] = FinishReason.eos.value
         finished |= hit_eos | (budget <= step + 1)
         if bool(finished.all()):
             break

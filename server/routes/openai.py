@@ -34,14 +34,14 @@ from server.openai_schemas import (
     openai_error_body,
 )
 from server.registry import Registry
-from server.schemas import HEAD_NAME_PATTERN, FinishReason
+from server.schemas import BASE_LABEL, HEAD_NAME_PATTERN, FinishReason
 from server.sequence import Detokenizer, JobResult, Sequence
 from server.sse import SSE_HEADERS, sse_done, sse_event
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head, set_head_label
 from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_unless_disconnected
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-BASE_MODEL_ID = "base"
+BASE_MODEL_ID = BASE_LABEL
 STARTED = int(time.time())  # the base model's `created`: when this server came up
 
 

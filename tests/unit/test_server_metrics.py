@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from server.metrics import BASE_LABEL, Metrics
+from server.metrics import Metrics
+from server.schemas import BASE_LABEL
 
 
 def labelled_heads(metrics: Metrics) -> set[str]:
