@@ -113,8 +113,11 @@ def format_heads(heads: Sequence[HeadSummary]) -> str:
                         h.created_at or "-") for h in heads]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
-    reasons = [f"{h.name}: {h.error}" for h in heads if h.status != "ready" and h.error]
-    return table + ("\n\ninvalid heads (requests for them get 409):\n" + "\n".join(reasons) if reasons else "")
+    for status, title in (("incompatible", "made for another base"), ("invalid", "invalid")):
+        reasons = [f"{h.name}: {h.error}" for h in heads if h.status == status and h.error]
+        if reasons:
+            table += f"\n\n{title} (requests for them get 409):\n" + "\n".join(reasons)
+    return table
 
 
 def run(args: argparse.Namespace, client: HeadserveClient) -> None:

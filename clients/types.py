@@ -104,8 +104,11 @@ class HeadSummary:
     created_at: str | None
     config: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # includes "final_metrics"
-    status: str = "ready"  # "invalid": the server cannot serve it (requests get 409); `error` says why
+    # "invalid": the server cannot serve it; "incompatible": made for another base. Requests for either get
+    # 409; `error` says why.
+    status: str = "ready"
     error: str | None = None
+    served_base_fingerprint: str | None = None  # set when incompatible: the base the server serves
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HeadSummary:
@@ -117,7 +120,8 @@ class HeadSummary:
             base_model_name_or_path=data.get("base_model_name_or_path"),
             base_fingerprint=data.get("base_fingerprint"), created_at=data.get("created_at"),
             config=dict(data.get("config") or {}), training=dict(data.get("training") or {}),
-            status=str(data.get("status") or "ready"), error=None if error is None else str(error))
+            status=str(data.get("status") or "ready"), error=None if error is None else str(error),
+            served_base_fingerprint=data.get("served_base_fingerprint"))
 
 
 @dataclass(frozen=True)

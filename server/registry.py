@@ -18,12 +18,13 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from heads import CONFIG_NAME, WEIGHTS_NAME, HeadError, HeadMetadata
+from heads import CONFIG_NAME, WEIGHTS_NAME, BaseMismatchError, HeadError, HeadMetadata
 from heads.folders import recover, retire, staged, swap_in
 from heads.storage import MAX_CONFIG_BYTES, check_base, check_weights_size, parse_metadata, read_bounded, write_files
 from server.errors import HeadExistsError, HeadNotFoundError, HeadUnavailableError, InvalidHeadNameError
-from server.schemas import HEAD_NAME_PATTERN
+from server.schemas import BASE_LABEL, HEAD_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def check_name(name: str) -> str:
     if not NAME_RE.fullmatch(name):
         raise InvalidHeadNameError(f"invalid head name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
                                    "starting with a letter or digit")
+    if name == BASE_LABEL:
+        raise InvalidHeadNameError(f"invalid head name {name!r}: it names the base's own head in requests")
     return name
 
 
@@ -55,6 +58,15 @@ class HeadEntry:
     meta: HeadMetadata | None  # None when head_config.json itself is unusable
     error: str | None  # why it cannot be served (files, base, or a failed load); None: ready
     bytes: int  # the folder's files on disk
+    # Made for another base (its recorded fingerprint differs from the served one): a normal state of a
+    # registry shared by servers of different bases, listed "incompatible", never logged as a fault.
+    incompatible: bool = False
+
+    @property
+    def status(self) -> Literal["ready", "invalid", "incompatible"]:
+        if self.error is None:
+            return "ready"
+        return "incompatible" if self.incompatible else "invalid"
 
 
 def _stamp_of(path: Path) -> tuple[int, int, int]:
@@ -95,6 +107,8 @@ class Registry:
                 continue
             if not NAME_RE.fullmatch(entry.name):
                 self._notice(entry.name, "its name is not a valid head name (a-z, 0-9, '.', '_', '-')")
+            elif entry.name == BASE_LABEL:
+                self._notice(entry.name, f"{BASE_LABEL!r} names the base's own head in requests")
             elif not os.path.isfile(os.path.join(entry.path, CONFIG_NAME)):
                 self._notice(entry.name, f"it holds no {CONFIG_NAME}")
             else:
@@ -126,7 +140,9 @@ class Registry:
                 if cached is not None and cached.stamp == stamp:
                     return cached  # another request checked the same version meanwhile
                 self._entries[name] = entry
-            if entry.error is not None:
+            if entry.incompatible:
+                log.info("head %r is listed as incompatible: %s", name, entry.error)
+            elif entry.error is not None:
                 log.warning("head %r is listed as invalid: %s", name, entry.error)
             return entry
         with self._lock:
@@ -150,7 +166,7 @@ class Registry:
             return HeadEntry(name, stamp, None, public_message(e, self.root), size)
         except (PermissionError, IsADirectoryError) as e:
             return HeadEntry(name, stamp, None, f"{CONFIG_NAME} cannot be read ({e.strerror})", size)
-        error = None
+        error, incompatible = None, False
         try:
             if stamp.weights is None:
                 error = f"{WEIGHTS_NAME} is missing"
@@ -158,10 +174,13 @@ class Registry:
                 check_weights_size(meta, stamp.weights[2])
                 if self._base is not None:
                     fingerprint, vocab_size, n_embd = self._base
+                    incompatible = meta.base_fingerprint != fingerprint
                     check_base(meta, fingerprint=fingerprint, vocab_size=vocab_size, n_embd=n_embd)
-        except HeadError as e:
+        except BaseMismatchError as e:
             error = public_message(e, self.root)
-        return HeadEntry(name, stamp, meta, error, size)
+        except HeadError as e:
+            error, incompatible = public_message(e, self.root), False
+        return HeadEntry(name, stamp, meta, error, size, incompatible=incompatible and error is not None)
 
     def reject(self, entry: HeadEntry, reason: str) -> None:
         """Remember that this version of the head failed to load (or to compute sane logits): it is listed
@@ -171,6 +190,12 @@ class Registry:
                 return
             self._entries[entry.name] = dataclasses.replace(entry, error=reason)
         log.warning("head %r is listed as invalid: %s", entry.name, reason)
+
+    @property
+    def served_fingerprint(self) -> str | None:
+        """The fingerprint of the base this registry serves for (None before the base is bound)."""
+        with self._lock:
+            return self._base[0] if self._base is not None else None
 
     def metadata(self, name: str) -> HeadMetadata:
         """The head's checked config; 404 if absent, 409 if the folder is there but cannot be served."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator
-from typing import Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -42,16 +41,18 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     }}}}}}
 
 
-def summarize(entry: HeadEntry, resident: set[str]) -> HeadSummary:
-    """A ready head in full; an invalid one with its reason and whatever its config still tells."""
-    status: Literal["ready", "invalid"] = "ready" if entry.error is None else "invalid"
+def summarize(entry: HeadEntry, resident: set[str], served_fingerprint: str | None) -> HeadSummary:
+    """A ready head in full; an invalid or incompatible one with its reason and whatever its config still tells
+    (an incompatible one with both fingerprints: the base it was made for, and the one served here)."""
+    status = entry.status
     meta = entry.meta
     if meta is None:
         return HeadSummary(name=entry.name, status=status, error=entry.error, bytes=entry.bytes, resident=False)
     return HeadSummary(name=entry.name, status=status, error=entry.error, type=meta.head_type, task=meta.task,
                        bytes=entry.bytes, resident=entry.name in resident, prompt_template=meta.prompt_template,
                        base_model_name_or_path=meta.base_model_name_or_path, base_fingerprint=meta.base_fingerprint,
-                       created_at=meta.created_at, config=meta.config, training=meta.training)
+                       created_at=meta.created_at, config=meta.config, training=meta.training,
+                       served_base_fingerprint=served_fingerprint if entry.incompatible else None)
 
 
 @router.post("/heads", status_code=201, response_model=HeadSummary, dependencies=[Depends(require_admin)],
@@ -78,7 +79,7 @@ async def register_head(request: Request, runtime: RuntimeDep, registry: Registr
                                                               replace=replace))
     runtime.head_cache.registered(entry)  # a replaced head must never be served from its old copy
     set_head_label(request, name)
-    return summarize(entry, set())
+    return summarize(entry, set(), registry.served_fingerprint)
 
 
 @router.get("/heads", response_model=HeadList)
@@ -89,7 +90,7 @@ def list_heads(request: Request, registry: RegistryDep) -> HeadList:
     heads = []
     for name in registry.names():
         try:
-            heads.append(summarize(registry.inspect(name), resident))
+            heads.append(summarize(registry.inspect(name), resident, registry.served_fingerprint))
         except HeadNotFoundError:  # deleted while we listed
             continue
     return HeadList(heads=heads)
@@ -101,7 +102,7 @@ def get_head(name: str, request: Request, registry: RegistryDep) -> HeadSummary:
     set_head_label(request, UNKNOWN_LABEL)
     entry = registry.inspect(check_name(name))
     set_head_label(request, name)  # a folder of that name is in the registry
-    return summarize(entry, resident_heads(request))
+    return summarize(entry, resident_heads(request), registry.served_fingerprint)
 
 
 @router.delete("/heads/{name}", status_code=204, dependencies=[Depends(require_admin)])

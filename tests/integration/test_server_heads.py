@@ -274,14 +274,44 @@ def test_heads_copied_by_hand_appear_without_restart(client: TestClient, base: B
     assert listed["by-hand"]["status"] == "ready" and listed["by-hand"]["error"] is None
     assert listed["broken"]["status"] == "invalid" and "not valid JSON" in listed["broken"]["error"]
     assert listed["broken"]["type"] is None and listed["broken"]["config"] is None
-    assert listed["foreign"]["status"] == "invalid" and base.fingerprint in listed["foreign"]["error"]
-    assert listed["foreign"]["type"] == "backward_attention"  # its config is fine: only the base differs
+    # A sound head for another base is not a fault: listed incompatible, with both fingerprints.
+    foreign = listed["foreign"]
+    assert foreign["status"] == "incompatible" and base.fingerprint in foreign["error"]
+    assert foreign["base_fingerprint"] == other_base.fingerprint != base.fingerprint
+    assert foreign["served_base_fingerprint"] == base.fingerprint
+    assert listed["by-hand"]["served_base_fingerprint"] is None
+    assert foreign["type"] == "backward_attention"  # its config is fine: only the base differs
     r = client.post("/generate", json={"prompt": "1 + 1", "head": "by-hand", "max_new_tokens": 2})
     assert r.status_code == 200 and r.json()["tokens"] == 2
     r = client.post("/generate", json={"prompt": "1 + 1", "head": "foreign", "max_new_tokens": 2})
     assert r.status_code == 409 and base.fingerprint in r.json()["detail"]
     r = client.post("/generate", json={"prompt": "1 + 1", "head": "broken"})
     assert r.status_code == 409 and str(heads_dir) not in r.json()["detail"]
+
+
+def test_heads_of_another_base_are_listed_incompatible_without_warnings(client: TestClient, base: Base,
+                                                                        other_base: Base, heads_dir: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A registry shared by servers of different bases: the other base's heads are a normal sight."""
+    write_head(other_base, heads_dir / "theirs")
+    broken = write_head(base, heads_dir / "broken")
+    (broken / WEIGHTS_NAME).unlink()
+    with caplog.at_level("INFO", logger="server.registry"):
+        listed = {h["name"]: h["status"] for h in client.get("/heads").json()["heads"]}
+    assert listed == {"theirs": "incompatible", "broken": "invalid"}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("'broken'" in m for m in warned) and not any("'theirs'" in m for m in warned)
+    r = client.post("/generate", json={"prompt": "1 + 1", "head": "theirs"})
+    assert r.status_code == 409 and other_base.fingerprint in r.json()["detail"]
+
+
+def test_base_is_not_a_head_name(client: TestClient, base: Base, heads_dir: Path, tmp_path: Path) -> None:
+    """`base` names the base's own head in /v1 `model` and the metrics: a head of that name would be unreachable."""
+    config, weights = head_files(base, tmp_path)
+    r = upload(client, "base", config, weights)
+    assert r.status_code == 422 and "base" in r.json()["detail"]
+    shutil.copytree(write_head(base, tmp_path / "dropped"), heads_dir / "base")
+    assert client.get("/heads").json() == {"heads": []}
 
 
 def test_a_request_in_flight_finishes_when_its_head_is_deleted(client: TestClient, base: Base,
