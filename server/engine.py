@@ -3,8 +3,8 @@
 One worker thread owns the model; request handlers validate, prepare the head, enqueue a
 `GenerationJob` and wait for the events the worker posts back (`server.streaming.JobStream`: the
 finished result, and every step's new tokens for a streaming request). Each engine step is one forward pass of
-the base (`RaggedGPT2.step`) over all active sequences: the prompts of newly admitted jobs and
-one token for every sequence already decoding. The step's final hidden states are split by head
+the base (its ragged runner's `step`, server.runners) over all active sequences: the prompts of newly
+admitted jobs and one token for every sequence already decoding. The step's final hidden states are split by head
 and each head's `decode` runs once for its group; then every sequence draws its own token with
 its own generator, so its output does not depend on its neighbours. Sequences join between
 steps (admission) and leave as soon as they finish (their cache slot is reused), like LoRAX or
@@ -40,7 +40,7 @@ from heads.sampling import SamplingParams, make_generator
 from server.errors import GenerationFailedError, HeadOutputError, NotReadyError, QueueFullError
 from server.metrics import Metrics
 from server.next_tokens import draw_tokens
-from server.ragged import Prefill, RaggedGPT2
+from server.runners import Prefill, runner_for
 from server.schemas import BASE_LABEL, COMPARE_ALL
 from server.sequence import GenerationJob, JobResult, Pending, Running, Sequence, Settle
 
@@ -56,7 +56,7 @@ class Engine:
         self.base, self.metrics = base, metrics
         self.max_queue, self.max_batch_size, self.max_batch_tokens = max_queue, max_batch_size, max_batch_tokens
         self.eos_id: int | None = base.tokenizer.eos_token_id
-        self.model = RaggedGPT2(base.model)
+        self.model = runner_for(base.model)  # by config.model_type: GPT-2 or Llama family
         # A job brings up to 1 + len(COMPARE_ALL) sequences, and one job always fits an empty batch.
         self.cache = self.model.new_cache(max(max_batch_size, 1 + len(COMPARE_ALL)))
         self._waiting: collections.deque[Pending] = collections.deque()
@@ -192,14 +192,14 @@ class Engine:
         max_new = max(1, min(job.max_new_tokens, room))
         sequences = [Sequence(decoder=job.params.strategy, head_label=job.head_label, head=job.head,
                               params=job.params, generator=self._generator(job.params, job.seed),
-                              max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos,
+                              max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos, end_ids=job.end_ids,
                               top_logprobs=job.top_logprobs)]
         for strategy in job.compare:
             params = SamplingParams(strategy=strategy, top_k=job.params.top_k, temperature=job.params.temperature)
             sequences.append(Sequence(decoder=COMPARISON_DECODERS[strategy], head_label=BASE_LABEL, head=None,
                                       params=params, generator=self._generator(params, job.seed),
                                       max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos,
-                                      top_logprobs=job.top_logprobs))
+                                      end_ids=job.end_ids, top_logprobs=job.top_logprobs))
         return Running(pending, sequences, started_at=time.perf_counter())
 
     def _generator(self, params: SamplingParams, seed: int) -> torch.Generator | None:

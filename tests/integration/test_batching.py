@@ -20,7 +20,7 @@ from heads.factored import FactoredHead, SharedNorms
 from heads.sampling import SamplingParams
 from server.engine import Engine, Pending
 from server.metrics import Metrics
-from server.ragged import Prefill, RaggedGPT2
+from server.runners import Prefill, RaggedGPT2
 from server.sequence import GenerationJob, JobResult
 
 PROMPTS = ["12 + 7 =", "Problem: Tom has 3 boxes with 14 pens each. How many pens?\nSolution:", "45 + 38 =",
