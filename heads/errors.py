@@ -1,4 +1,4 @@
-"""Typed errors for head files, so callers (the server, the CLIs) can map them to answers.
+"""Typed errors for head files and bases, so callers (the server, the CLIs) can map them to answers.
 
 Every message names the file or field at fault; the server shows it to clients as is.
 """
@@ -18,3 +18,21 @@ class UnknownHeadTypeError(HeadFormatError):
 
 class BaseMismatchError(HeadError):
     """The head was trained on a different base model than the one it is loaded against."""
+
+
+class BaseModelError(Exception):
+    """Base class: a base model that cannot be loaded or run as asked (not a head's fault)."""
+
+
+class UnsupportedBaseError(BaseModelError):
+    """The engine has no ragged runner for the base's architecture (`config.model_type`), or the runner
+    cannot honour one of the base's options (say, sliding-window attention); the message names it."""
+
+
+class BaseNotFoundError(BaseModelError, FileNotFoundError):
+    """HEADSERVE_BASE_MODEL or --base names a local folder or .gguf file that is not there."""
+
+
+class BaseDependencyError(BaseModelError):
+    """The base needs a package that is not installed (an alias's package, or what converts a GGUF); the
+    message says what to install."""

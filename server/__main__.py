@@ -9,6 +9,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from heads.base_sources import base_names_help
 from server.app import create_app
 from server.seed import seed_default_registry
 from server.settings import Settings, get_settings
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__)
     parser.add_argument("--host", help="interface to bind (HEADSERVE_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (HEADSERVE_PORT, default 8000)")
-    parser.add_argument("--base-model", help="HF hub id or local folder (HEADSERVE_BASE_MODEL)")
+    parser.add_argument("--base-model", help=f"{base_names_help()} (HEADSERVE_BASE_MODEL; a GGUF is converted "
+                        "once into HEADSERVE_CACHE_DIR)")
     parser.add_argument("--heads-dir", help="the head registry folder (HEADSERVE_HEADS_DIR, default: the checkout's "
                         "registry/; installed, ./registry, created with the shipped heads)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

