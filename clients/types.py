@@ -109,6 +109,7 @@ class HeadSummary:
     status: str = "ready"
     error: str | None = None
     served_base_fingerprint: str | None = None  # set when incompatible: the base the server serves
+    prompt_format: str = "plain"  # "chat": the server renders the filled template with the base's chat template
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HeadSummary:
@@ -121,7 +122,8 @@ class HeadSummary:
             base_fingerprint=data.get("base_fingerprint"), created_at=data.get("created_at"),
             config=dict(data.get("config") or {}), training=dict(data.get("training") or {}),
             status=str(data.get("status") or "ready"), error=None if error is None else str(error),
-            served_base_fingerprint=data.get("served_base_fingerprint"))
+            served_base_fingerprint=data.get("served_base_fingerprint"),
+            prompt_format=str(data.get("prompt_format") or "plain"))
 
 
 @dataclass(frozen=True)

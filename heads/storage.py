@@ -29,13 +29,12 @@ from torch import nn
 
 from heads.errors import BaseMismatchError, HeadError, HeadFormatError
 from heads.folders import staged, swap_in, sync_dir
+from heads.prompts import DEFAULT_PROMPT_TEMPLATE, PROMPT_FORMATS, PROMPT_PLACEHOLDER, PromptFormat, PromptStyle
 from heads.registry import HeadModule, get_head_type
 
 CONFIG_NAME = "head_config.json"
 WEIGHTS_NAME = "head.safetensors"
 FORMAT_VERSION = 1
-PROMPT_PLACEHOLDER = "{problem}"  # where a prompt_template takes the prompt
-DEFAULT_PROMPT_TEMPLATE = PROMPT_PLACEHOLDER
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CONFIG_BYTES = 1024 * 1024  # head_config.json holds a config and a training summary: kilobytes
 MAX_JSON_DEPTH = 16  # ours nest 3 deep (training.final_metrics); deeper JSON only costs stack to parse and echo
@@ -55,12 +54,18 @@ class HeadMetadata:
     base_model_name_or_path: str | None = None
     base_fingerprint: str | None = None
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    prompt_format: PromptFormat = "plain"  # "chat": the filled template is the user message (heads.prompts)
     training: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @property
+    def prompt_style(self) -> PromptStyle:
+        """How prompts for this head are formatted: as it was trained."""
+        return PromptStyle(self.prompt_template, self.prompt_format)
 
 
 def config_from_dict(config_cls: type[Any], data: Mapping[str, Any], source: str = CONFIG_NAME) -> Any:
@@ -80,7 +85,7 @@ def config_from_dict(config_cls: type[Any], data: Mapping[str, Any], source: str
 
 
 def save_head(head: HeadModule, out_dir: str | os.PathLike[str], base_info: Mapping[str, Any] | None = None, *,
-              task: str = "", prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+              task: str = "", prompt_template: str = DEFAULT_PROMPT_TEMPLATE, prompt_format: PromptFormat = "plain",
               training: Mapping[str, Any] | None = None,
               extra_files: Mapping[str, bytes] | None = None) -> HeadMetadata:
     """Write the head folder atomically: a crash leaves the previous folder or none, never half a head.
@@ -96,7 +101,8 @@ def save_head(head: HeadModule, out_dir: str | os.PathLike[str], base_info: Mapp
         head_type=head.head_type, config=dataclasses.asdict(head.config), vocab_size=head.vocab_size,
         n_embd=head.n_embd, task=task, base_model_name_or_path=base_info.get("base_model_name_or_path"),
         base_fingerprint=base_info.get("base_fingerprint"), prompt_template=prompt_template,
-        training=dict(training or {}), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        prompt_format=prompt_format, training=dict(training or {}),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in head.state_dict().items()}
     with staged(out, "tmp") as tmp:
         for name, data in (extra_files or {}).items():
@@ -184,6 +190,9 @@ def parse_metadata(config_bytes: bytes, source: str = CONFIG_NAME) -> HeadMetada
     template = raw.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
     if PROMPT_PLACEHOLDER not in template:
         raise HeadFormatError(f"{source}: prompt_template must contain the placeholder {{problem}}")
+    if raw.get("prompt_format", "plain") not in PROMPT_FORMATS:
+        raise HeadFormatError(f"{source}: prompt_format must be one of {list(PROMPT_FORMATS)}, "
+                              f"got {raw['prompt_format']!r}")
     meta = HeadMetadata(**raw)
     head_parameters(meta, source)  # the config is an object, valid for its kind, within its bounds
     return meta

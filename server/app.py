@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from heads import HeadError
 from heads.base import load_base
+from heads.prompts import NoChatTemplateError
 from server.engine import Engine
 from server.errors import AuthMissingError, HeadNotFoundError, QueueFullError, ServerError, is_mapped, status_for
 from server.head_cache import HeadCache
@@ -31,7 +32,7 @@ from server.limits import BodyLimitMiddleware, prompt_char_limit
 from server.metrics import Metrics
 from server.openai_schemas import openai_error_body
 from server.registry import Registry
-from server.routes import generate, heads, health, openai, web
+from server.routes import chat, generate, heads, health, openai, web
 from server.settings import Settings, get_settings
 from server.state import Runtime
 
@@ -50,9 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(ServerError, _domain_error)
     app.add_exception_handler(HeadError, _domain_error)
+    app.add_exception_handler(NoChatTemplateError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for router in (generate.router, heads.router, health.router, openai.router, web.router):
+    for router in (generate.router, heads.router, health.router, openai.router, chat.router, web.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app
@@ -90,7 +92,8 @@ def load_runtime(app: FastAPI, stopping: threading.Event, gate: threading.Lock) 
     settings: Settings = app.state.settings
     start = time.perf_counter()
     try:
-        base = load_base(settings.base_model, device=settings.device, dtype=settings.torch_dtype)
+        base = load_base(settings.base_model, device=settings.device, dtype=settings.torch_dtype,
+                         cache_dir=settings.cache_dir)
         head_cache = HeadCache(app.state.registry, base, app.state.metrics, settings.head_cache_size,
                                materialize_after=settings.materialize_after)
         engine = Engine(base, app.state.metrics, max_queue=settings.max_queue, max_batch_size=settings.max_batch_size,

@@ -7,6 +7,7 @@ never contain a traceback or a server-side path the client did not send.
 from __future__ import annotations
 
 from heads import BaseMismatchError, HeadFormatError
+from heads.prompts import NoChatTemplateError
 
 
 class ServerError(Exception):
@@ -77,6 +78,7 @@ class WritesDisabledError(ServerError):
 
 # The one place where domain errors become HTTP status codes (most specific class first).
 STATUS_CODES: list[tuple[type[Exception], int]] = [
+    (NoChatTemplateError, 400),  # chat messages, or a chat-format head, on a base without a chat template
     (InvalidRequestError, 422),
     (HeadNotFoundError, 404),
     (HeadExistsError, 409),

@@ -1,8 +1,9 @@
-"""From a validated request to a `GenerationJob`: the steps `/generate` and `/v1/completions` share.
+"""From a validated request to a `GenerationJob`: the steps `/generate` and the `/v1` routes share.
 
-Format the prompt with the head's template (unless raw), tokenize it off the event loop, check
-the limits, and prepare the head off the engine thread (on the head cache's loader), so the batch
-keeps decoding meanwhile. The job holds the prepared head even if the cache evicts or the registry
+Format the prompt as the head was trained (`heads.prompts`: its template, and the base's chat
+template for a chat-format head; none of it when raw) or render chat messages, tokenize it off the
+event loop, check the limits, and prepare the head off the engine thread (on the head cache's
+loader), so the batch keeps decoding meanwhile. The job holds the prepared head even if the cache evicts or the registry
 deletes it later.
 """
 
@@ -14,8 +15,18 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
+from heads.prompts import (
+    RAW,
+    ChatMessage,
+    NoChatTemplateError,
+    PromptFormat,
+    PromptStyle,
+    base_style,
+    encode,
+    end_ids,
+    render_chat,
+)
 from heads.sampling import SamplingParams
-from heads.storage import DEFAULT_PROMPT_TEMPLATE, PROMPT_PLACEHOLDER
 from server.errors import InvalidRequestError
 from server.registry import Registry
 from server.schemas import BASE_LABEL
@@ -26,7 +37,7 @@ from server.state import Runtime
 
 @dataclass(frozen=True)
 class JobRequest:
-    prompt: str | list[int]  # text, or token ids (always raw)
+    prompt: str | list[int] | tuple[ChatMessage, ...]  # text; token ids (always raw); chat messages (/v1/chat)
     head: str | None  # registry name; None: the base's own linear head
     max_new_tokens: int
     params: SamplingParams
@@ -44,27 +55,48 @@ def check_max_new_tokens(value: int, settings: Settings) -> int:
     return value
 
 
-def prompt_template(head: str | None, registry: Registry) -> str:
-    """The head's training template; raises HeadNotFoundError (404) before anything is queued."""
-    return registry.metadata(head).prompt_template if head is not None else DEFAULT_PROMPT_TEMPLATE
+def prompt_style(head: str | None, registry: Registry, runtime: Runtime) -> PromptStyle:
+    """How a problem for this head is formatted: as the head was trained, or as `heads.prompts.base_style`
+    says for the base alone (chat on a chat base); raises HeadNotFoundError (404) before anything is queued."""
+    return registry.metadata(head).prompt_style if head is not None else base_style(runtime.base.tokenizer)
+
+
+def check_prompt_chars(length: int, runtime: Runtime) -> None:
+    """Refuse a prompt of more characters than could fit the token limit, before tokenising it."""
+    if length > runtime.prompt_char_limit:
+        raise InvalidRequestError(f"the prompt is {length} characters once formatted; no prompt longer than "
+                                  f"{runtime.prompt_char_limit} characters fits the limit of "
+                                  f"{runtime.prompt_token_limit} tokens")
+
+
+def format_prompt(prompt: str | tuple[ChatMessage, ...], style: PromptStyle, head: str | None,
+                  runtime: Runtime) -> tuple[str, PromptFormat]:
+    """The text to tokenise and how: a problem in its style (bounded before it is built), or chat messages
+    rendered with the base's chat template (their size bounded by the request schema)."""
+    tokenizer = runtime.base.tokenizer
+    if isinstance(prompt, tuple):
+        return render_chat(prompt, tokenizer), "chat"
+    check_prompt_chars(style.filled_length(len(prompt)), runtime)
+    try:
+        return style.text(prompt, tokenizer), style.format
+    except NoChatTemplateError:
+        raise NoChatTemplateError(f"the head '{head}' was trained on chat-formatted prompts, but this base model "
+                                  "has no chat template; send the prompt with raw: true") from None
 
 
 async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -> tuple[GenerationJob, str]:
     """The job and the prompt text it decodes from (formatted, or the token ids decoded)."""
-    template = prompt_template(request.head, registry)
+    style = prompt_style(request.head, registry, runtime)
     tokenizer = runtime.base.tokenizer
-    if isinstance(request.prompt, str):
-        # The formatted length, known before formatting: a prompt that cannot fit is refused before
-        # the server pays for building or tokenising it.
-        length = len(request.prompt) if request.raw else \
-            len(template) + template.count(PROMPT_PLACEHOLDER) * (len(request.prompt) - len(PROMPT_PLACEHOLDER))
-        if length > runtime.prompt_char_limit:
-            raise InvalidRequestError(f"the prompt is {length} characters once formatted; no prompt longer than "
-                                      f"{runtime.prompt_char_limit} characters fits the limit of "
-                                      f"{runtime.prompt_token_limit} tokens")
-        prompt = request.prompt if request.raw else template.replace(PROMPT_PLACEHOLDER, request.prompt)
+    ends: tuple[int, ...] = ()
+    if not isinstance(request.prompt, list):
+        prompt, prompt_format = format_prompt(request.prompt, RAW if request.raw else style, request.head, runtime)
+        # The chat template's own text counts too: the bound holds for exactly what is tokenised.
+        check_prompt_chars(len(prompt), runtime)
         # Tokenizing a long prompt takes a while; keep it off the event loop.
-        prompt_ids = await run_in_threadpool(lambda: list(tokenizer(prompt)["input_ids"]))
+        prompt_ids = await run_in_threadpool(encode, prompt, tokenizer, prompt_format)
+        if prompt_format == "chat":
+            ends = end_ids(tokenizer, "chat")
     else:
         if len(request.prompt) > runtime.prompt_token_limit:
             raise InvalidRequestError(f"the prompt is {len(request.prompt)} token ids; the limit is "
@@ -90,5 +122,5 @@ async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -
                         params=request.params,
                         seed=request.seed if request.seed is not None else secrets.randbits(63),
                         max_new_tokens=request.max_new_tokens, stop=request.stop, compare=request.compare,
-                        ignore_eos=request.ignore_eos, top_logprobs=request.top_logprobs)
+                        ignore_eos=request.ignore_eos, end_ids=ends, top_logprobs=request.top_logprobs)
     return job, prompt

@@ -119,6 +119,7 @@ class HeadSummary(BaseModel):
     bytes: int
     resident: bool
     prompt_template: str | None = None
+    prompt_format: str | None = None  # "plain", or "chat": the filled template is the chat template's user message
     base_model_name_or_path: str | None = None
     base_fingerprint: str | None = None  # the base the head was made for
     served_base_fingerprint: str | None = None  # set when incompatible: the base this server serves

@@ -45,6 +45,7 @@ class Sequence:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    end_ids: tuple[int, ...] = ()  # more tokens that end it as EOS does: a chat template's end of turn
     top_logprobs: int = 0  # most likely alternatives to record per token (OpenAI's `logprobs`)
     cached: int = 0  # tokens of this sequence whose keys/values sit in its cache slot
     token_ids: list[int] = field(default_factory=list)  # generated ids, including a final EOS
@@ -76,7 +77,7 @@ class Sequence:
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
         self.token_times.append(now)
-        if eos_id is not None and token_id == eos_id and not self.ignore_eos:
+        if (token_id == eos_id or token_id in self.end_ids) and not self.ignore_eos:
             self.finish_reason = FinishReason.eos
         elif self.stop:
             # Decoding the whole continuation each step is cheap at these lengths and, unlike decoding
@@ -112,6 +113,7 @@ class GenerationJob:
     stop: tuple[str, ...] = ()
     compare: tuple[str, ...] = ()  # from "greedy", "top_k"
     ignore_eos: bool = False
+    end_ids: tuple[int, ...] = ()  # tokens that end every sequence of the job besides EOS (chat end of turn)
     top_logprobs: int = 0  # alternatives per token to report for the answer (0: none)
     accepted_at: float = field(default_factory=time.perf_counter)
 

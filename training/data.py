@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from heads.storage import PROMPT_PLACEHOLDER
+from heads.prompts import TRAINING_PROMPT_TEMPLATE, PromptStyle
+from heads.prompts import encode as encode_text
 
 COLUMNS = ("problem", "generated_solution", "expected_answer")
-PROMPT_TEMPLATE = "Problem: {problem}\nSolution:"
+PROMPT_TEMPLATE = TRAINING_PROMPT_TEMPLATE  # owned by heads.prompts; named here for training's callers
 ANSWER_PREFIX = "Final answer:"
 
 
@@ -45,7 +46,8 @@ class LoadStats:
 
 
 def format_prompt(problem: str, template: str = PROMPT_TEMPLATE) -> str:
-    return template.replace(PROMPT_PLACEHOLDER, problem)
+    """The filled template alone (plain); `heads.prompts.PromptStyle` formats for a base, chat included."""
+    return PromptStyle(template).fill(problem)
 
 
 def format_target(example: Example) -> str:
@@ -157,15 +159,26 @@ class EncodeStats:
     target_tokens: int = 0
 
 
-def encode(examples: Iterable[Example], tokenizer: Any, max_len: int, template: str = PROMPT_TEMPLATE,
+def encode(examples: Iterable[Example], tokenizer: Any, max_len: int, template: str | PromptStyle = PROMPT_TEMPLATE,
            ) -> tuple[list[tuple[list[int], int]], EncodeStats]:
-    """-> [(ids, prompt_len)]: prompt then target then EOS, cut to `max_len` tokens."""
+    """-> [(ids, prompt_len)]: prompt then target then the token that ends an answer, cut to `max_len` tokens.
+
+    The prompt's ids come from `heads.prompts`, as the server's do. A chat-formatted target is the
+    assistant's turn: tokenised without special tokens of its own (and without the leading space a plain
+    target continues its prompt with), closed by the template's end-of-turn token; a plain one (a plain
+    template given as a string) is tokenised as ever, closed by EOS.
+    """
+    style = template if isinstance(template, PromptStyle) else PromptStyle(template)
     stats = EncodeStats()
     out: list[tuple[list[int], int]] = []
-    eos = tokenizer.eos_token_id
+    end = list(style.end_ids(tokenizer)[:1])
+    chat = style.format == "chat"
     for ex in examples:
-        prompt = tokenizer(format_prompt(ex.problem, template))["input_ids"]
-        target = tokenizer(format_target(ex))["input_ids"] + ([eos] if eos is not None else [])
+        prompt = style.ids(ex.problem, tokenizer)
+        # A chat answer is the assistant's turn: no special tokens of its own, no space continuing the prompt.
+        target = encode_text(format_target(ex).lstrip(), tokenizer, "chat") if chat else \
+            list(tokenizer(format_target(ex))["input_ids"])
+        target += end
         if len(prompt) >= max_len:
             stats.dropped += 1
             continue

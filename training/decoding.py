@@ -69,8 +69,11 @@ def _choose(logits: Tensor, strategy: Strategy, top_k: int, generator: torch.Gen
 @torch.no_grad()
 def _generate_batch(base: Base, prompts: list[list[int]], step_logits: Callable[[Tensor], Tensor],
                     strategy: Strategy, top_k: int, max_new_tokens: int,
-                    generator: torch.Generator | None) -> list[tuple[list[int], str]]:
+                    generator: torch.Generator | None, end_ids: Sequence[int] | None = None,
+                    ) -> list[tuple[list[int], str]]:
     device, eos = base.device, base.tokenizer.eos_token_id
+    ends = torch.tensor(list(end_ids) if end_ids is not None else [] if eos is None else [eos], dtype=torch.long,
+                        device=device)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), _pad_id(base), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -88,7 +91,7 @@ def _generate_batch(base: Base, prompts: list[list[int]], step_logits: Callable[
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(int(budget.max())):
         next_ids = _choose(step_logits(out.last_hidden_state[:, -1]), strategy, top_k, generator)  # (B,)
-        hit_eos = ~finished & (next_ids == eos) if eos is not None else torch.zeros_like(finished)
+        hit_eos = ~finished & torch.isin(next_ids, ends)
         # One device-to-host copy per step, not one per row.
         for i, (token, active, stop) in enumerate(zip(next_ids.tolist(), (~finished).tolist(), hit_eos.tolist(),
                                                       strict=True)):
@@ -110,8 +113,12 @@ def _generate_batch(base: Base, prompts: list[list[int]], step_logits: Callable[
 
 def generate(base: Base, prompts: Sequence[Sequence[int]], *, head: HeadModule | None = None,
              strategy: Strategy = "greedy", top_k: int = 50, max_new_tokens: int = 128, seed: int = 0,
-             batch_size: int = 16, on_batch: Callable[[int], Any] | None = None) -> list[Generation]:
+             batch_size: int = 16, on_batch: Callable[[int], Any] | None = None,
+             end_ids: Sequence[int] | None = None) -> list[Generation]:
     """Continue each prompt (token ids) with the base plus `head` (None: the base's own LM head).
+
+    A row ends at any of `end_ids` (default: the tokenizer's EOS; a chat prompt's also ends at its
+    template's end-of-turn token, `heads.prompts.PromptStyle.end_ids`), as on the server.
 
     Prompts are sorted by length into batches to limit padding; results come back in input order.
     Top-k draws come from one `torch.Generator` seeded with `seed`, so the same seed, prompts and
@@ -142,7 +149,7 @@ def generate(base: Base, prompts: Sequence[Sequence[int]], *, head: HeadModule |
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         rows = _generate_batch(base, [clipped[i] for i in idx], step_logits, strategy, top_k, max_new_tokens,
-                               generator)
+                               generator, end_ids)
         for i, (ids, reason) in zip(idx, rows, strict=True):
             text = base.tokenizer.decode(ids, skip_special_tokens=True)
             results[i] = Generation(token_ids=ids, text=text, finish_reason=reason, n_tokens=len(ids))

@@ -27,14 +27,15 @@ from tqdm import tqdm
 
 from heads import HeadError, HeadModule, load_head
 from heads.base import Base, default_base, load_base
+from heads.base_sources import base_names_help
+from heads.errors import BaseModelError
+from heads.prompts import PromptStyle, training_style
 from training import cli
 from training.data import (
-    PROMPT_TEMPLATE,
     DataError,
     Example,
     encode,
     extract_answer,
-    format_prompt,
     format_target,
     load_examples,
 )
@@ -56,12 +57,12 @@ class RowSpec:
     strategy: Strategy
     head: HeadModule | None  # None: the base's own linear LM head
     head_type: str
-    template: str
+    style: PromptStyle  # the head's own, as the server formats for it; the base rows: training's default
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.parser("training.evaluate", __doc__)
-    parser.add_argument("--base", default=default_base(), help="HF folder or hub id")
+    parser.add_argument("--base", default=default_base(), help=base_names_help())
     parser.add_argument("--heads", nargs="*", default=[], type=Path, help="head folders, one row each (the row is "
                         "named after the folder); none: base rows only")
     parser.add_argument("--data", help="JSONL/Parquet file, folder with {split}.jsonl, or hub id (required)")
@@ -87,8 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_rows(head_dirs: list[Path], base: Base) -> list[RowSpec]:
     """The base rows plus one per head; every head is checked against the base before any decoding."""
-    rows = [RowSpec("greedy", "greedy", None, "linear (base)", PROMPT_TEMPLATE),
-            RowSpec("top_k", "top_k", None, "linear (base)", PROMPT_TEMPLATE)]
+    default = training_style(base.tokenizer)
+    rows = [RowSpec("greedy", "greedy", None, "linear (base)", default),
+            RowSpec("top_k", "top_k", None, "linear (base)", default)]
     for head_dir in head_dirs:
         name = head_dir.resolve().name
         if name in {r.name for r in rows}:
@@ -98,7 +100,7 @@ def load_rows(head_dirs: list[Path], base: Base) -> list[RowSpec]:
                                    n_embd=base.n_embd)
         except HeadError as e:
             raise HeadError(str(e) if str(head_dir) in str(e) else f"{head_dir}: {e}") from None
-        rows.append(RowSpec(name, "greedy", head.to(base.device), meta.head_type, meta.prompt_template))
+        rows.append(RowSpec(name, "greedy", head.to(base.device), meta.head_type, meta.prompt_style))
     return rows
 
 
@@ -106,12 +108,12 @@ def evaluate_row(spec: RowSpec, base: Base, examples: list[Example], args: argpa
                  ce: tuple[float, int]) -> dict[str, Any]:
     """Generate for every example with this row's head and strategy, then score the generations."""
     tokenizer = base.tokenizer
-    prompts = [tokenizer(format_prompt(ex.problem, spec.template))["input_ids"] for ex in examples]
+    prompts = [spec.style.ids(ex.problem, tokenizer) for ex in examples]
     bar = tqdm(total=len(prompts), desc=f"generate {spec.name}", file=sys.stderr, dynamic_ncols=True)
     started = time.perf_counter()
     gens = generate(base, prompts, head=spec.head, strategy=spec.strategy, top_k=args.top_k,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                    on_batch=bar.update)
+                    on_batch=bar.update, end_ids=spec.style.end_ids(tokenizer))
     seconds = time.perf_counter() - started
     bar.close()
     predicted = [extract_answer(g.text) for g in gens]
@@ -128,7 +130,7 @@ def evaluate_row(spec: RowSpec, base: Base, examples: list[Example], args: argpa
                for ex, g, p in list(zip(examples, gens, predicted, strict=True))[:N_SAMPLES]]
     return {
         "name": spec.name, "head_type": spec.head_type, "strategy": spec.strategy,
-        "prompt_template": spec.template,
+        "prompt_template": spec.style.template, "prompt_format": spec.style.format,
         "cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy) if cross_entropy < 700 else math.inf,
         "ce_target_tokens": n_target,
         "accuracy": acc.accuracy, "accuracy_ci_low": acc.ci_low, "accuracy_ci_high": acc.ci_high,
@@ -153,12 +155,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise DataError(f"{args.data}: no usable {args.split} examples ({stats.rows} rows read)")
     log.info("evaluating %d rows on %d %s examples with %s on %s", len(specs), len(examples), args.split,
              base.name, device)
-    ce_cache: dict[tuple[int, str], tuple[float, int]] = {}  # the top_k row shares greedy's distribution
+    ce_cache: dict[tuple[int, PromptStyle], tuple[float, int]] = {}  # the top_k row shares greedy's distribution
     rows = []
     for spec in specs:
-        key = (id(spec.head), spec.template)
+        key = (id(spec.head), spec.style)
         if key not in ce_cache:
-            encoded, enc_stats = encode(examples, base.tokenizer, base.n_positions, spec.template)
+            encoded, enc_stats = encode(examples, base.tokenizer, base.n_positions, spec.style)
             if enc_stats.dropped or enc_stats.truncated:
                 log.warning("%s: %d examples dropped and %d truncated to fit the context", spec.name,
                             enc_stats.dropped, enc_stats.truncated)
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {rerender_markdown(args.from_json)} (rendered from {args.from_json})")
             return
         report = run(args)
-    except (DataError, HeadError, OSError, ValueError) as e:
+    except (BaseModelError, DataError, HeadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyError as e:

@@ -34,9 +34,11 @@ from heads import (
     save_head,
 )
 from heads.base import Base, default_base, load_base
-from heads.storage import PROMPT_PLACEHOLDER
+from heads.base_sources import base_names_help
+from heads.errors import BaseModelError
+from heads.prompts import PROMPT_FORMATS, PROMPT_PLACEHOLDER, training_style
 from training import cli
-from training.data import PROMPT_TEMPLATE, DataError, collate, encode, load_examples
+from training.data import DataError, collate, encode, load_examples
 
 log = logging.getLogger("training.fit")
 Encoded = list[tuple[list[int], int]]
@@ -125,7 +127,8 @@ def plot_history(history: History, title: str) -> bytes:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.parser("training.fit", __doc__)
-    p.add_argument("--base", default=None, help="HF id or folder (default: HEADSERVE_BASE_MODEL or the embedded base)")
+    p.add_argument("--base", default=None, help=f"{base_names_help()} (default: HEADSERVE_BASE_MODEL or the "
+                   "embedded base)")
     p.add_argument("--data", required=True, help="JSONL/Parquet file, folder with train.jsonl, or HF dataset id")
     p.add_argument("--task", required=True, help="what the head is for, recorded in head_config.json")
     p.add_argument("--kind", choices=("backward_attention", "linear"), default="backward_attention",
@@ -150,8 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of training rows held out for eval")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training rows")
     p.add_argument("--max-len", type=int, default=None, help="token budget per example (default: base context)")
-    p.add_argument("--prompt-template", default=PROMPT_TEMPLATE, help="how a problem becomes the prompt; the head "
-                   "records it and the server formats requests with it")
+    p.add_argument("--prompt-template", default=None, help="how a problem becomes the prompt; the head records it "
+                   "and the server formats requests with it (default: 'Problem: {problem}\\nSolution:' for plain "
+                   "prompts, '{problem}' for chat)")
+    p.add_argument("--prompt-format", choices=("auto", *PROMPT_FORMATS), default="auto",
+                   help="chat: the filled template is the user message of the base's chat template; auto: chat when "
+                   "the base has a chat template")
     p.add_argument("--cache-hidden", action=argparse.BooleanOptionalAction, default=True,
                    help="cache base hidden states after the first epoch")
     args = p.parse_args(argv)
@@ -159,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.lr = 3e-4 if args.kind == "linear" else 3e-3
     if args.epochs < 1 or args.batch_size < 1 or not 0 <= args.val_fraction < 1:
         p.error("--epochs and --batch-size must be >= 1 and --val-fraction in [0, 1)")
-    if PROMPT_PLACEHOLDER not in args.prompt_template:
+    if args.prompt_template is not None and PROMPT_PLACEHOLDER not in args.prompt_template:
         p.error("--prompt-template must contain {problem}")
     return args
 
@@ -173,8 +180,9 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     random.Random(args.seed).shuffle(examples)
     n_val = int(len(examples) * args.val_fraction)
     max_len = min(args.max_len or base.n_positions, base.n_positions)
-    train, train_stats = encode(examples[n_val:], base.tokenizer, max_len, args.prompt_template)
-    val, _ = encode(examples[:n_val], base.tokenizer, max_len, args.prompt_template)
+    style = training_style(base.tokenizer, args.prompt_format, args.prompt_template)
+    train, train_stats = encode(examples[n_val:], base.tokenizer, max_len, style)
+    val, _ = encode(examples[:n_val], base.tokenizer, max_len, style)
     if not train:
         raise DataError(f"{args.data}: no usable training rows ({stats.rows} read, skipped {stats.skipped})")
     log.info("%d train / %d held-out examples; %d truncated, %d dropped (prompt too long)", len(train), len(val),
@@ -245,8 +253,8 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     # The curve is written with the head, in the same atomic swap: the folder never changes once visible,
     # and its `bytes` (every file in it) are final from the first listing.
     curve = plot_history(history, f"{args.task} ({args.kind})")
-    save_head(head, args.out, base.info(), task=args.task, prompt_template=args.prompt_template, training=training,
-              extra_files={LOSS_CURVE_NAME: curve})
+    save_head(head, args.out, base.info(), task=args.task, prompt_template=style.template, prompt_format=style.format,
+              training=training, extra_files={LOSS_CURVE_NAME: curve})
     return training
 
 
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} was not written (any previous head there is unchanged)", file=sys.stderr)
         raise SystemExit(130) from None
-    except (DataError, HeadError, OSError, ValueError) as e:
+    except (BaseModelError, DataError, HeadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(summary(args, training))

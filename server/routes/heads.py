@@ -50,6 +50,7 @@ def summarize(entry: HeadEntry, resident: set[str], served_fingerprint: str | No
         return HeadSummary(name=entry.name, status=status, error=entry.error, bytes=entry.bytes, resident=False)
     return HeadSummary(name=entry.name, status=status, error=entry.error, type=meta.head_type, task=meta.task,
                        bytes=entry.bytes, resident=entry.name in resident, prompt_template=meta.prompt_template,
+                       prompt_format=meta.prompt_format,
                        base_model_name_or_path=meta.base_model_name_or_path, base_fingerprint=meta.base_fingerprint,
                        created_at=meta.created_at, config=meta.config, training=meta.training,
                        served_base_fingerprint=served_fingerprint if entry.incompatible else None)

@@ -1,4 +1,5 @@
 """The OpenAI-compatible API: `GET /v1/models` and `POST /v1/completions`, streaming included.
+(`POST /v1/chat/completions` lives in `server.routes.chat` and shares the helpers below.)
 
 `model` is "base" (the base's own linear head) or a head name. Prompts are completed as sent,
 like OpenAI's Completions API: a head's `prompt_template` is not applied (see `GET /heads/{name}`
@@ -13,7 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -63,7 +64,7 @@ def get_model(model_id: str, runtime: RuntimeDep, registry: RegistryDep) -> Mode
     try:
         return _head_model(_head_name(model_id), runtime, registry)
     except HeadNotFoundError:
-        raise _no_such_model(model_id) from None
+        raise no_such_model(model_id) from None
 
 
 @router.post("/completions", response_model=Completion,
@@ -71,14 +72,9 @@ def get_model(model_id: str, runtime: RuntimeDep, registry: RegistryDep) -> Mode
                               "description": "JSON, or server-sent events with `stream: true`"}})
 async def completions(body: CompletionRequest, request: Request, runtime: RuntimeDep, registry: RegistryDep,
                       settings: SettingsDep) -> Completion | StreamingResponse:
-    set_head_label(request, UNKNOWN_LABEL)  # until the model resolves
-    head = None if body.model == BASE_MODEL_ID else _head_name(body.model)
-    try:
-        label_head(request, registry, head)
-    except HeadNotFoundError:
-        raise _no_such_model(body.model) from None
+    head = resolve_model(body.model, request, registry)
     max_tokens = check_max_new_tokens(body.max_tokens or DEFAULT_MAX_TOKENS, settings)
-    params = _sampling(body)
+    params = sampling_params(body)
     top = body.logprobs or 0
     jobs = []
     for prompt in body.prompts():
@@ -87,7 +83,7 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
                                                    params=params, seed=body.seed, stop=body.stops(), top_logprobs=top),
                                         runtime, registry)
         except HeadNotFoundError:
-            raise _no_such_model(body.model) from None
+            raise no_such_model(body.model) from None
         jobs.append(job)
     completion_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     stream = JobStream(runtime.engine, jobs, tokens=body.stream)  # 429 here, before anything is sent
@@ -95,12 +91,32 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
         results = await results_unless_disconnected(stream, request.receive)
         choices = [_choice(i, r.main, body, runtime) for i, r in enumerate(results)]
         return Completion(id=completion_id, created=created, model=body.model, choices=choices,
-                          usage=_usage(results))
+                          usage=usage_of(results))
     return StreamingResponse(_chunks(stream, body, runtime, completion_id, created), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
-def _sampling(body: CompletionRequest) -> SamplingParams:
+class SamplingKnobs(Protocol):
+    """The sampling fields /v1/completions and /v1/chat/completions share."""
+
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+
+
+def resolve_model(model: str, request: Request, registry: Registry) -> str | None:
+    """The head a `model` names (None: the base), once the registry knows it; a 404 `model_not_found` otherwise.
+    The request is labelled `unknown` for the metrics until then."""
+    set_head_label(request, UNKNOWN_LABEL)
+    head = None if model == BASE_MODEL_ID else _head_name(model)
+    try:
+        label_head(request, registry, head)
+    except HeadNotFoundError:
+        raise no_such_model(model) from None
+    return head
+
+
+def sampling_params(body: SamplingKnobs) -> SamplingParams:
     """OpenAI's knobs -> our sampler: temperature 0 is greedy; top_k (an extension) or top_p truncate."""
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature == 0.0:
@@ -134,10 +150,10 @@ async def _chunks(stream: JobStream, body: CompletionRequest, runtime: Runtime, 
                     offset = offsets.get(event.job, 0)
                     offsets[event.job] = offset + len(event.token)  # as `_choice` counts them
                     logprobs = Logprobs(tokens=[event.token], token_logprobs=[event.logprob],
-                                        top_logprobs=[_top(event.top, tokenizer)] if body.logprobs else None,
+                                        top_logprobs=[top_by_text(event.top, tokenizer)] if body.logprobs else None,
                                         text_offset=[offset]).model_dump()
                 yield chunk([{"index": event.job, "text": event.text, "logprobs": logprobs,
-                              "finish_reason": _finish(event.finish_reason)}])
+                              "finish_reason": finish_reason(event.finish_reason)}])
             elif isinstance(event, JobDone):
                 results.append(event.result)
             elif isinstance(event, JobFailed):
@@ -146,7 +162,7 @@ async def _chunks(stream: JobStream, body: CompletionRequest, runtime: Runtime, 
                 break
         else:
             if body.stream_options is not None and body.stream_options.include_usage:
-                yield chunk([], _usage(results))
+                yield chunk([], usage_of(results))
         yield sse_done()
     finally:
         stream.close()  # a client that went away frees its batch slots before the next step
@@ -162,26 +178,26 @@ def _choice(index: int, seq: Sequence, body: CompletionRequest, runtime: Runtime
             offsets.append(at)
             at += len(token)
         logprobs = Logprobs(tokens=tokens, token_logprobs=seq.logprobs,
-                            top_logprobs=[_top(t, tokenizer) for t in seq.top] if body.logprobs else None,
+                            top_logprobs=[top_by_text(t, tokenizer) for t in seq.top] if body.logprobs else None,
                             text_offset=offsets)
-    return CompletionChoice(index=index, text=seq.text, logprobs=logprobs, finish_reason=_finish(seq.reason))
+    return CompletionChoice(index=index, text=seq.text, logprobs=logprobs, finish_reason=finish_reason(seq.reason))
 
 
-def _top(top: list[tuple[int, float]] | None, tokenizer: Detokenizer) -> dict[str, float]:
+def top_by_text(top: list[tuple[int, float]] | None, tokenizer: Detokenizer) -> dict[str, float]:
     out: dict[str, float] = {}
     for token_id, logprob in top or []:
         out.setdefault(tokenizer.decode([token_id]), logprob)
     return out
 
 
-def _finish(reason: FinishReason | None) -> Literal["stop", "length"] | None:
+def finish_reason(reason: FinishReason | None) -> Literal["stop", "length"] | None:
     """Ours -> OpenAI's: the end-of-sequence token and stop strings are both "stop"."""
     if reason is None:
         return None
     return "length" if reason == FinishReason.length else "stop"
 
 
-def _usage(results: list[JobResult]) -> Usage:
+def usage_of(results: list[JobResult]) -> Usage:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(len(r.main.token_ids) for r in results)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
@@ -190,11 +206,11 @@ def _usage(results: list[JobResult]) -> Usage:
 def _head_name(model: str) -> str:
     """A model id that cannot be a head name is simply a model that does not exist (404, not 422)."""
     if not re.fullmatch(HEAD_NAME_PATTERN, model):
-        raise _no_such_model(model)
+        raise no_such_model(model)
     return model
 
 
-def _no_such_model(model: str) -> HeadNotFoundError:
+def no_such_model(model: str) -> HeadNotFoundError:
     return HeadNotFoundError(f"the model '{model[:80]}' does not exist; GET /v1/models lists them")
 
 

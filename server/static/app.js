@@ -88,7 +88,8 @@ async function loadHeads() {
     select.replaceChildren(select.options[0]);
     for (const head of heads) {
       const option = new Option(`${head.name} (${head.type}, ${head.task})`, head.name);
-      option.title = `template: ${head.prompt_template}`;
+      const chat = head.prompt_format === "chat" ? " (as the user message of the base's chat template)" : "";
+      option.title = `template: ${head.prompt_template}${chat}`;
       select.append(option);
     }
     const names = heads.map((head) => head.name);

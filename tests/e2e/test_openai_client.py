@@ -6,11 +6,14 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from tests.chat_base import make_chat_base
 from tests.e2e.serving import REPO_ROOT, Server, serve
 
 PROMPT = "Problem: What is 12 + 7?\nSolution:"
@@ -70,6 +73,30 @@ def test_unknown_model_and_unsupported_n(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as bad:
         oai.completions.create(model="base", prompt="x", max_tokens=2, n=2)
     assert "n must be 1" in str(bad.value)
+
+
+def test_chat_on_a_base_without_a_chat_template_says_so(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model="math", messages=[{"role": "user", "content": "What is 12 + 7?"}])
+    assert "no chat template" in str(refused.value)
+
+
+def test_chat_streams_through_the_official_client_on_a_chat_base(tmp_path: Path) -> None:
+    base = make_chat_base(tmp_path / "base")
+    shutil.copytree(REPO_ROOT / "registry", tmp_path / "heads")
+    messages: Any = [{"role": "user", "content": "What is 12 + 7?"}]
+    with serve(base, tmp_path / "heads", tmp_path / "server.log") as running, \
+            openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        whole = client.chat.completions.create(model="base", messages=messages, max_tokens=24, temperature=0)
+        chunks = list(client.chat.completions.create(model="base", messages=messages, max_tokens=24, temperature=0,
+                                                     stream=True))
+        with running.client() as ours:
+            same = ours.generate("What is 12 + 7?", max_new_tokens=24)
+    text = whole.choices[0].message.content
+    assert text and text == same.text and same.prompt.startswith("<|user|>\n")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
 def metric(text: str, name: str) -> float:
