@@ -293,13 +293,14 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], module: nn.Module) -> Non
 def check_base(meta: HeadMetadata, *, fingerprint: str | None, vocab_size: int | None = None,
                n_embd: int | None = None) -> None:
     """Refuse a head trained on another base; the message names both fingerprints."""
+    # The fingerprint first: for a head of another base, naming both bases says more than a shape that differs.
+    if fingerprint is not None and meta.base_fingerprint != fingerprint:
+        raise BaseMismatchError(f"head was trained on base {meta.base_fingerprint or '(no fingerprint recorded)'} "
+                                f"({meta.base_model_name_or_path or 'unnamed'}), but the loaded base is {fingerprint}")
     if vocab_size is not None and meta.vocab_size != vocab_size:
         raise BaseMismatchError(f"head vocab_size {meta.vocab_size} does not match the base's {vocab_size}")
     if n_embd is not None and meta.n_embd != n_embd:
         raise BaseMismatchError(f"head n_embd {meta.n_embd} does not match the base's {n_embd}")
-    if fingerprint is not None and meta.base_fingerprint != fingerprint:
-        raise BaseMismatchError(f"head was trained on base {meta.base_fingerprint or '(no fingerprint recorded)'} "
-                                f"({meta.base_model_name_or_path or 'unnamed'}), but the loaded base is {fingerprint}")
 
 
 def load_head_bytes(config_bytes: bytes, weights_bytes: bytes, *, fingerprint: str | None = None,
