@@ -62,11 +62,14 @@ def build_head(args: argparse.Namespace, base: Base) -> HeadModule:
 
 
 def head_loss(head: nn.Module, hidden: Tensor, labels: Tensor, embeddings: Tensor) -> tuple[Tensor, int]:
-    """Mean teacher-forced cross-entropy over target tokens; position t predicts token t+1."""
-    logits = head(hidden[:, :-1], embeddings)  # (B, T-1, V)
+    """Mean teacher-forced cross-entropy over target tokens; position t predicts token t+1.
+
+    Only the positions that predict a target go through the head: prompt and padding positions would
+    each cost a V-wide row (49,152 on SmolLM2) in every product and its gradient, for a zero weight."""
     targets = labels[:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-    return loss, int((targets != -100).sum())
+    scored = targets != -100
+    logits = head(hidden[:, :-1][scored][None], embeddings)[0]  # (N, V): a head is position-wise
+    return F.cross_entropy(logits, targets[scored]), int(scored.sum())
 
 
 class HiddenCache:
