@@ -231,6 +231,9 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     bar.close()
     head.eval()
     val_loss = evaluate_loss(head, cache_val, val, args.batch_size) if val else None
+    # The base's own LM head on the same held-out rows: what the head's loss is worth (lower is better than it).
+    base_head = LinearHead(vocab_size=base.vocab_size, n_embd=base.n_embd).init_from(base.embeddings).to(base.device)
+    base_val_loss = evaluate_loss(base_head, cache_val, val, args.batch_size) if val else None
     if val_loss is not None and (not history.eval_steps or history.eval_steps[-1] != step):
         history.eval_steps.append(step)
         history.eval_loss.append(val_loss)
@@ -251,6 +254,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
             "train_loss": round(history.train_loss[-1], 4),
             "held_out_loss": round(val_loss, 4) if val_loss is not None else None,
             "held_out_perplexity": round(math.exp(val_loss), 4) if val_loss is not None else None,
+            "base_held_out_loss": round(base_val_loss, 4) if base_val_loss is not None else None,
         },
     }
     # The curve is written with the head, in the same atomic swap: the folder never changes once visible,
@@ -264,7 +268,8 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
 def summary(args: argparse.Namespace, training: dict[str, Any]) -> str:
     """What was written, how well and how fast it trained, and the commands that evaluate and serve it."""
     m = training["final_metrics"]
-    held_out = (f"held-out loss {m['held_out_loss']} (perplexity {m['held_out_perplexity']})"
+    held_out = (f"held-out loss {m['held_out_loss']} (perplexity {m['held_out_perplexity']}; the base's own head: "
+                f"{m['base_held_out_loss']})"
                 if m["held_out_loss"] is not None else f"train loss {m['train_loss']} (no held-out rows)")
     speed = f"{training['tokens_per_s_first_epoch']:,.0f} target tokens/s in epoch 1 (base + head)"
     if training["tokens_per_s_cached"] is not None:

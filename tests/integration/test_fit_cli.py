@@ -25,6 +25,7 @@ def test_fit_writes_a_loadable_head_with_its_training_record(tiny_base_dir, synt
     assert t["steps"] == 10 and t["seed"] == 0 and t["data"] == str(synth_dir)
     assert t["examples"] + t["held_out_examples"] == 64
     assert t["final_metrics"]["held_out_loss"] > 0 and t["tokens_per_s_first_epoch"] > 0
+    assert t["final_metrics"]["base_held_out_loss"] > 0  # the base's own head on the same rows, for comparison
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
