@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from heads.errors import BaseDependencyError, BaseModelError, BaseNotFoundError
-from heads.folders import recover, retire, staged, swap_in, sync_dir
+from heads.folders import recover, retire, staged, swap_in, sync_dir, write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,7 @@ def file_sha256(path: Path, cache_dir: Path | None = None) -> str:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({**stamp, "sha256": sha}, indent=2, sort_keys=True))
-        os.replace(tmp, memo)  # readers see the old memo or the new one, never half of one
+        write_file_atomic(memo, json.dumps({**stamp, "sha256": sha}, indent=2, sort_keys=True).encode())
     except OSError as e:
         log.debug("could not remember the sha256 of %s: %s", path, e)
     return sha

@@ -85,6 +85,20 @@ def sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """One file replaced in one rename: a reader sees the old bytes or the new ones, never half (reports,
+    memos). Written to a hidden sibling of a unique name, fsynced, renamed over `path`; a failure removes it."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def registry_lock(root: Path) -> Iterator[None]:
     """Exclusive flock on the registry folder itself: serialises writers across threads and processes.

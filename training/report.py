@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from heads.folders import write_file_atomic
 from training.metrics import exact_matches
 
 NOTES = """\
@@ -119,23 +119,13 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file then os.replace: a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     """report.json, report.md and report.png into `out`; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "report.png"]
-    write_atomic(paths[0], (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-    write_atomic(paths[1], render_markdown(report).encode())
-    write_atomic(paths[2], plot_png(report["rows"]))
+    write_file_atomic(paths[0], (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    write_file_atomic(paths[1], render_markdown(report).encode())
+    write_file_atomic(paths[2], plot_png(report["rows"]))
     return paths
 
 
@@ -143,5 +133,5 @@ def rerender_markdown(report_json: Path) -> Path:
     """report.md beside an existing report.json, rendered again from it (nothing is decoded or scored)."""
     report = json.loads(report_json.read_text())
     path = report_json.with_name("report.md")
-    write_atomic(path, render_markdown(report).encode())
+    write_file_atomic(path, render_markdown(report).encode())
     return path

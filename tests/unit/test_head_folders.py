@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import heads.folders as folders
-from heads.folders import recover, retire, staged, swap_in
+from heads.folders import recover, retire, staged, swap_in, write_file_atomic
 
 FOLDERS_PY = Path(folders.__file__)
 
@@ -192,3 +192,19 @@ def test_staged_kinds_are_the_ones_recover_knows() -> None:
         with staged(Path("/nonexistent/x"), "scratch"):
             pass
     assert all(folders.LEFTOVER_RE.fullmatch(f".a.b.{kind}-0f") for kind in folders.LEFTOVER_KINDS)
+
+
+def test_write_file_atomic_replaces_whole_and_leaves_nothing_on_failure(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "report.json"
+    write_file_atomic(target, b"old")
+    write_file_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+    def refuse(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("heads.folders.os.replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        write_file_atomic(target, b"half")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
