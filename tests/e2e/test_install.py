@@ -130,8 +130,8 @@ def test_an_installed_server_serves_the_packaged_base_and_heads(installed: Insta
     # The registry was created where the server started, as a copy of the shipped heads; site-packages
     # was only read.
     registry = installed.workdir / "registry"
-    assert sorted(p.name for p in registry.iterdir()) == ["math", "math-linear"]
-    for name in ("math", "math-linear"):
+    assert sorted(p.name for p in registry.iterdir()) == ["math", "math-linear", "smollm2-math"]
+    for name in ("math", "math-linear", "smollm2-math"):
         assert (registry / name / "head.safetensors").read_bytes() == \
             (REPO_ROOT / "registry" / name / "head.safetensors").read_bytes()
     assert _data_files(installed.site) == shipped

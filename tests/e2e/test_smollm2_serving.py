@@ -67,7 +67,7 @@ def test_the_server_serves_smollm2_with_its_heads(server: Server, smollm2: Base)
         ready = client.ready()
         assert ready.base == ALIAS and ready.base_fingerprint == smollm2.fingerprint
         heads = {h.name: h for h in client.list_heads()}
-    assert heads["smol"].status == "ready"
+    assert heads["smol"].status == "ready" and heads["smollm2-math"].status == "ready"  # the committed one
     for name in ("math", "math-linear"):  # made for the embedded base: listed, never served, not an error
         assert heads[name].status == "incompatible" and heads[name].served_base_fingerprint == smollm2.fingerprint
 
@@ -90,9 +90,9 @@ def test_a_head_streams_through_the_chat_api(oai: openai.OpenAI) -> None:
     assert text == whole.choices[0].message.content and text
 
 
-def test_generate_formats_a_chat_head_like_the_chat_api(server: Server, oai: openai.OpenAI) -> None:
-    chat = oai.chat.completions.create(model="smol", messages=QUESTION, temperature=0,
-                                       max_tokens=NEW_TOKENS)
+@pytest.mark.parametrize("head", ["smol", "smollm2-math"])
+def test_generate_formats_a_chat_head_like_the_chat_api(server: Server, oai: openai.OpenAI, head: str) -> None:
+    chat = oai.chat.completions.create(model=head, messages=QUESTION, temperature=0, max_tokens=NEW_TOKENS)
     with server.client() as client:
-        result = client.generate(QUESTION[0]["content"], head="smol", max_new_tokens=NEW_TOKENS)
-    assert result.text == chat.choices[0].message.content
+        result = client.generate(QUESTION[0]["content"], head=head, max_new_tokens=NEW_TOKENS)
+    assert result.text == chat.choices[0].message.content and result.head == head
