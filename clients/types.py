@@ -132,8 +132,10 @@ class Readiness:
     base: str
     base_fingerprint: str
     device: str
+    chat_template: bool = False  # the base formats chat: /v1/chat/completions works
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Readiness:
         return cls(status=str(data.get("status", "")), base=str(data.get("base", "")),
-                   base_fingerprint=str(data.get("base_fingerprint", "")), device=str(data.get("device", "")))
+                   base_fingerprint=str(data.get("base_fingerprint", "")), device=str(data.get("device", "")),
+                   chat_template=bool(data.get("chat_template", False)))

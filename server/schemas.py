@@ -152,3 +152,6 @@ class Readiness(BaseModel):
     base_fingerprint: str
     device: str
     limits: Limits
+    # The base formats chat (its tokenizer has a chat template): /v1/chat/completions works, and /generate without
+    # a head puts the prompt in a user message, which ends at the end-of-turn token (no stop string needed).
+    chat_template: bool = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from heads.prompts import has_chat_template
 from server.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, Limits, Readiness, Status
 from server.state import MetricsDep, get_runtime
 
@@ -28,7 +29,7 @@ async def readyz(request: Request) -> Readiness:
                     max_prompt_tokens=runtime.prompt_token_limit, max_stop_strings=MAX_STOP_STRINGS,
                     max_stop_chars=MAX_STOP_CHARS, max_top_logprobs=MAX_TOP_LOGPROBS)
     return Readiness(status="ready", base=base.info()["base_model_name_or_path"], base_fingerprint=base.fingerprint,
-                     device=runtime.device, limits=limits)
+                     device=runtime.device, limits=limits, chat_template=has_chat_template(base.tokenizer))
 
 
 @router.get("/metrics")

@@ -12,7 +12,10 @@ const ALTERNATIVES = 5; // alternatives per token asked of the server (capped by
 const UNSURE_BELOW = 0.2; // tokens less likely than this also get a dotted underline, not only a pale shade
 const NARROW = matchMedia("(max-width: 600px)"); // the token panel is a bottom sheet there
 
-const state = { ready: false, controller: null, alternatives: ALTERNATIVES, headPicked: false, shown: null };
+const state = {
+  ready: false, controller: null, alternatives: ALTERNATIVES, headPicked: false, shown: null,
+  chatBase: false, heads: [], stopEdited: false,
+};
 const tokenData = new WeakMap(); // token span -> its stream event
 const columns = {};
 for (const section of document.querySelectorAll(".column")) {
@@ -59,6 +62,7 @@ async function pollReady() {
       const wasReady = state.ready;
       setConnection("ready", `base ${body.base} on ${body.device}`);
       applyLimits(body.limits);
+      state.chatBase = Boolean(body.chat_template);
       if (!wasReady) loadHeads(); // first contact, or back after an outage: the registry may have changed
       next = POLL_READY_MS;
     } else {
@@ -82,7 +86,7 @@ async function loadHeads() {
   try {
     const response = await fetch("/heads", { cache: "no-store" });
     if (!response.ok) throw new Error((await response.json()).detail);
-    // A head the server cannot serve is listed "invalid" with its reason: not something to pick.
+    // A head the server cannot serve is listed "invalid" or "incompatible" (another base's): not something to pick.
     const heads = (await response.json()).heads.filter((head) => head.status === "ready");
     const previous = select.value;
     select.replaceChildren(select.options[0]);
@@ -93,11 +97,26 @@ async function loadHeads() {
       select.append(option);
     }
     const names = heads.map((head) => head.name);
+    state.heads = heads;
     if (names.includes(previous)) select.value = previous;
-    else if (!state.headPicked && names.includes("math")) select.value = "math";
+    else if (!state.headPicked) {
+      // The default prompt is a math problem: the embedded base's `math` head, else this base's math head.
+      const math = names.includes("math") ? "math" : heads.find((head) => head.task === "math")?.name;
+      if (math) select.value = math;
+    }
+    defaultStop();
   } catch (error) {
     setSummary(`could not list heads: ${error.message}`, true);
   }
+}
+
+/** A plain prompt's answer is one line (stop at "\n"); a chat-formatted one ends at the chat template's end-of-turn
+ * token and spans lines, so it gets no stop string. Only while the user has not written their own. */
+function defaultStop() {
+  if (state.stopEdited) return;
+  const head = state.heads.find((h) => h.name === $("#head").value);
+  const chat = head ? head.prompt_format === "chat" : state.chatBase;
+  $("#stop").value = chat ? "" : "\\n";
 }
 
 // --- the form ---
@@ -377,7 +396,8 @@ board.addEventListener("keydown", (event) => {
 for (const span of document.querySelectorAll(".legend .token[data-p]")) paint(span, Number(span.dataset.p));
 $("#form").addEventListener("submit", generate);
 $("#stop-button").addEventListener("click", () => state.controller?.abort());
-$("#head").addEventListener("change", () => { state.headPicked = true; });
+$("#head").addEventListener("change", () => { state.headPicked = true; defaultStop(); });
+$("#stop").addEventListener("input", () => { state.stopEdited = true; });
 $("#max-tokens").addEventListener("change", () => clampNumber($("#max-tokens"), "Max tokens"));
 document.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !event.isComposing) {

@@ -44,7 +44,7 @@ def server(smollm2: Base, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     torch.manual_seed(0)
     head = BackwardAttentionHead(BackwardAttentionConfig(latent_dim=16), vocab_size=smollm2.vocab_size,
                                  n_embd=smollm2.n_embd)
-    save_head(head, root / "heads" / "smol", smollm2.info(), task="math", prompt_format="chat")
+    save_head(head, root / "heads" / "smol", smollm2.info(), task="demo", prompt_format="chat")
     with serve(Path(ALIAS), root / "heads", root / "server.log", env={"HEADSERVE_MAX_BATCH_SIZE": "8"}) as running:
         yield running
 
@@ -65,7 +65,7 @@ def hf_greedy(base: Base, messages: list[dict[str, str]], new_tokens: int) -> st
 def test_the_server_serves_smollm2_with_its_heads(server: Server, smollm2: Base) -> None:
     with server.client() as client:
         ready = client.ready()
-        assert ready.base == ALIAS and ready.base_fingerprint == smollm2.fingerprint
+        assert ready.base == ALIAS and ready.base_fingerprint == smollm2.fingerprint and ready.chat_template
         heads = {h.name: h for h in client.list_heads()}
     assert heads["smol"].status == "ready" and heads["smollm2-math"].status == "ready"  # the committed one
     for name in ("math", "math-linear"):  # made for the embedded base: listed, never served, not an error
@@ -96,3 +96,32 @@ def test_generate_formats_a_chat_head_like_the_chat_api(server: Server, oai: ope
     with server.client() as client:
         result = client.generate(QUESTION[0]["content"], head=head, max_new_tokens=NEW_TOKENS)
     assert result.text == chat.choices[0].message.content and result.head == head
+
+
+def test_the_page_works_unchanged_on_smollm2(server: Server) -> None:
+    """The page picks this base's math head, sends no "\\n" stop (a chat answer spans lines and ends at the
+    end-of-turn token), and streams the head and the base's linear decodes as the server answers them."""
+    from tests.e2e.browser import CHROMIUM, answer, column, generate, launch, open_page, texts, wait_finished
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium package (.ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency: make setup")
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = open_page(browser, server.url)
+            page.wait_for_selector('#head option[value="smollm2-math"]', state="attached")
+            assert page.locator("#head").input_value() == "smollm2-math"
+            assert page.locator('#head option[value="math"]').count() == 0  # incompatible: never offered
+            assert page.locator("#stop").input_value() == ""
+            page.fill("#max-tokens", str(NEW_TOKENS))
+            sent = generate(page)
+            wait_finished(page)
+            assert sent["head"] == "smollm2-math" and "stop" not in sent
+            expected = answer(server.url, sent)
+            assert expected["prompt"].startswith("<|im_start|>system") and "<|im_start|>assistant" in expected["prompt"]
+            assert column(page, "main") == texts(expected)["main"] and column(page, "linear_greedy")
+            page.select_option("#head", "")  # the base alone is chat-formatted too: still no stop string
+            assert page.locator("#stop").input_value() == ""
+        finally:
+            browser.close()
