@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import server.head_cache as head_cache_module
 from heads import BackwardAttentionHead, LinearHead
 from heads.base import EMBEDDED_BASE, REPO_ROOT, Base, load_base
 from heads.factored import FactoredHead
@@ -82,3 +84,20 @@ def test_a_head_evicted_and_loaded_again_is_probed_once_per_version(base: Base, 
     config.write_text(config.read_text())  # a new version of the files (new inode and mtime)
     cache.get("math")
     assert len(probed) == 3
+
+
+def test_loads_compute_on_one_torch_thread_and_leave_the_engines_alone(base: Base, registry: Registry,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second OpenMP team of every core, spinning after each load, would take the cores from the engine."""
+    seen: list[int] = []
+    real = head_cache_module.load_head
+
+    def watched(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(head_cache_module, "load_head", watched)
+    before = torch.get_num_threads()
+    cache = HeadCache(registry, base, Metrics(), capacity=4, materialize_after=2)
+    cache.get("math-linear")
+    assert seen == [1] and torch.get_num_threads() == before
