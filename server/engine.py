@@ -43,6 +43,7 @@ from server.next_tokens import draw_tokens
 from server.runners import Prefill, runner_for
 from server.schemas import BASE_LABEL, COMPARE_ALL
 from server.sequence import GenerationJob, JobResult, Pending, Running, Sequence, Settle
+from server.torch_threads import pin_threads
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class Engine:
         self._owner: dict[int, Running] = {}  # id(sequence) -> its job
         self._admitting: list[Running] = []  # taken from the queue but not yet in _active/_owner (worker only)
         self._thread = threading.Thread(target=self._work, name="headserve-engine", daemon=True)
+        # The cores the steps use, read before the head cache's threads set theirs to one; the worker pins it
+        # (server/torch_threads.py), or it would take theirs if a head load did the process's first torch work.
+        self.threads = torch.get_num_threads()
 
     # -- called from the event loop (server.streaming.JobStream submits and waits) -------------
     def submit(self, pending: Pending) -> None:
@@ -134,6 +138,7 @@ class Engine:
 
     # -- the worker thread ----------------------------------------------------------------------
     def _work(self) -> None:
+        pin_threads(self.threads)
         while True:
             with self._cond:
                 while not self._waiting and not self._active and not self._stopping:

@@ -22,8 +22,6 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
 from heads import HeadError, HeadMetadata, HeadModule, load_head, load_head_bytes
 from heads.base import Base
 from heads.factored import FactoredHead, ServingHead, SharedNorms, factorable
@@ -31,6 +29,7 @@ from server.errors import HeadUnavailableError
 from server.head_checks import HeadProbe
 from server.metrics import Metrics
 from server.registry import HeadEntry, HeadStamp, Registry, public_message
+from server.torch_threads import pin_one_thread
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +60,12 @@ class HeadCache:
         self._probed: dict[str, HeadStamp] = {}
         self._norms: SharedNorms | None = None  # per-base quantities of factored heads, made on first need
         # Loads and upload checks, one at a time: loads of different heads would only thrash each other (and
-        # the engine). Each of these threads computes with ONE torch thread: torch's thread count is per thread,
-        # and a second OpenMP team of all cores, spinning after every load, takes the cores from the engine's
-        # steps (measured: sequential decoding 20-60% slower on 2 cores). A load is short; the engine is not.
+        # the engine). Each of these threads computes with one torch thread (server/torch_threads.py says why):
+        # a load is short; the engine's steps are not.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headserve-load",
-                                          initializer=torch.set_num_threads, initargs=(1,))
+                                          initializer=pin_one_thread)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headserve-materialize",
-                                              initializer=torch.set_num_threads, initargs=(1,))
+                                              initializer=pin_one_thread)
         self._lock = threading.Lock()  # guards _heads, _uses and _inflight
         self._load_lock = threading.Lock()  # a load and a materialisation never run side by side
 
