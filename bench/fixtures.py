@@ -1,4 +1,4 @@
-"""Benchmark fixtures: a GPT-2-124M-shaped random base, its tokenizer, and random heads on it.
+"""Benchmark fixtures: random bases (GPT-2-124M-shaped, SmolLM2-135M-shaped), a tokenizer, and random heads.
 
 Why random weights: the benchmark measures cost, and cost is set by shapes (vocabulary, width,
 layers), not by what the weights learned. Building everything locally keeps the benchmark offline.
@@ -135,6 +135,57 @@ def ensure_base(n_layer: int = 12, cache_dir: Path = DEFAULT_CACHE, log: Any = p
                             n_layer=n_layer, n_head=spec["n_head"], bos_token_id=eos, eos_token_id=eos,
                             pad_token_id=eos, tie_word_embeddings=True)
         GPT2LMHeadModel(config).save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer(spec["vocab_size"]).save_pretrained(tmp)
+        (tmp / MARKER_NAME).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def smollm2_spec(n_layer: int = 30) -> dict[str, Any]:
+    """SmolLM2-135M's exact shape (Llama: GQA 9/3 heads, SwiGLU, RoPE theta 1e5, tied embeddings), random weights.
+
+    What defines the cached folder; tests shrink it by overriding the sizes, never the kind.
+    """
+    return {"version": FIXTURE_VERSION, "kind": "smollm2-shaped", "seed": BASE_SEED, "vocab_size": 49152,
+            "hidden_size": 576, "n_layer": n_layer, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "intermediate_size": 1536, "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+            "tie_word_embeddings": True}
+
+
+def smollm2_dir_for(n_layer: int = 30, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    name = "smollm2-135m-shaped-random" if n_layer == 30 else f"smollm2-shaped-{n_layer}layer-random"
+    return Path(cache_dir) / name
+
+
+def ensure_smollm2_base(n_layer: int = 30, cache_dir: Path = DEFAULT_CACHE, log: Any = print, *,
+                        spec: dict[str, Any] | None = None, folder: Path | None = None) -> Path:
+    """The cached random SmolLM2-shaped base, built like `ensure_base` (atomically, once per spec)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = spec or smollm2_spec(n_layer)
+    folder = folder or smollm2_dir_for(spec["n_layer"], cache_dir)
+    if _is_valid_base(folder, spec):
+        return folder
+    log(f"building the random SmolLM2-shaped base at {folder} (once; it is cached)")
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        torch.manual_seed(spec["seed"])
+        eos = spec["vocab_size"] - 1  # build_tokenizer's layout: EOS is the last id
+        heads = spec["num_attention_heads"]
+        config = LlamaConfig(
+            vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"], num_hidden_layers=spec["n_layer"],
+            num_attention_heads=heads, num_key_value_heads=spec["num_key_value_heads"],
+            head_dim=spec["hidden_size"] // heads, intermediate_size=spec["intermediate_size"],
+            rope_parameters={"rope_type": "default", "rope_theta": spec["rope_theta"]},
+            rms_norm_eps=spec["rms_norm_eps"], max_position_embeddings=spec["max_position_embeddings"],
+            tie_word_embeddings=spec["tie_word_embeddings"], bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+        LlamaForCausalLM(config).save_pretrained(tmp, safe_serialization=True)
         build_tokenizer(spec["vocab_size"]).save_pretrained(tmp)
         (tmp / MARKER_NAME).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
         if folder.exists():

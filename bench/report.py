@@ -33,9 +33,19 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("bytes_per_factored_head", "", "the same for a head served in factored form (params + two D x H*d "
                                     "matrices): its first uses, and the long tail"),
     ("bytes_per_head_on_disk", "", "size of head.safetensors"),
+    ("vs_vllm_base_ratio", ">= 1", "our tok/s / vLLM's, 32 concurrent requests on the base alone (--peer-vllm)"),
+    ("vs_vllm_adapters_ratio", ">= 1.5", "our tok/s with 4 heads + base / vLLM's with 4 rank-8 LoRA adapters + "
+                                         "base, round-robin, 32 concurrent"),
+    ("vs_vllm_base_ratio_sequential", ">= 1", "the same on the base, one request at a time"),
+    ("vs_vllm_adapters_ratio_sequential", ">= 1.5", "the same with heads / adapters, one request at a time"),
 )
 REQUIRED_KEYS = tuple(key for key, _, _ in METRICS)
-GOALS = {"head_vs_linear_decode_ratio": 0.9, "concurrency_speedup": 5.0, "many_heads_throughput_ratio": 0.9}
+GOALS = {"head_vs_linear_decode_ratio": 0.9, "concurrency_speedup": 5.0, "many_heads_throughput_ratio": 0.9,
+         "vs_vllm_base_ratio": 1.0, "vs_vllm_adapters_ratio": 1.5, "vs_vllm_base_ratio_sequential": 1.0,
+         "vs_vllm_adapters_ratio_sequential": 1.5}
+# The peer scenarios' rows: (scenario key in details.peer_vllm.tokens_per_s, label).
+PEER_ROWS = (("base_c32", "base, 32 concurrent"), ("adapters_c32", "4 heads / 4 LoRA adapters + base, 32 concurrent"),
+             ("base_c1", "base, one at a time"), ("adapters_c1", "4 heads / 4 LoRA adapters + base, one at a time"))
 
 
 def cpu_model() -> str:
@@ -108,6 +118,29 @@ def _status(key: str, value: Any) -> str:
     return " ✅" if value >= goal else " ❌"
 
 
+def render_peer(peer: Any) -> list[str]:
+    """The peer comparison's raw numbers side by side, or why it was skipped (nothing when absent)."""
+    if not isinstance(peer, Mapping):
+        return []
+    if "skipped" in peer:
+        return ["", f"Peer comparison (vLLM): {peer['skipped']}"]
+    rates = peer.get("tokens_per_s", {})
+    ours, vllm = rates.get("ours", {}), rates.get("vllm", {})
+    lines = ["", f"Peer: vLLM {peer.get('vllm_version', '?')}, tokens/s measured in the same run:", "",
+             "| workload | headserve tok/s | vLLM tok/s | ratio |", "|---|---:|---:|---:|"]
+    for key, label in PEER_ROWS:
+        a, b = ours.get(key), vllm.get(key)
+        both = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b))
+        lines.append(f"| {label} | {fmt_value(a)} | {fmt_value(b)} | {fmt_value(a / b) if both and b else 'n/a'} |")
+    if peer.get("adapters_skipped"):
+        lines += ["", f"Adapters: {peer['adapters_skipped']}"]
+    foreign = peer.get("other_processes_cpu_s")
+    if isinstance(foreign, Mapping) and foreign:
+        lines += ["", "CPU seconds other processes took while each side was measured (0 is a quiet machine): "
+                  + ", ".join(f"{k} {fmt_value(v)}" for k, v in foreign.items())]
+    return lines
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """The results as a markdown table plus the context needed to read it."""
     machine = results.get("machine", {})
@@ -128,6 +161,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         cell = fmt_bytes(value) if key.startswith("bytes_") else fmt_value(value)
         lines.append(f"| `{key}` | {cell}{_status(key, value)} | {goal} | {meaning} |")
     details = results.get("details", {})
+    lines += render_peer(details.get("peer_vllm"))
     if details:
         lines += ["", "Supporting numbers:", ""]
         for name, block in details.items():

@@ -102,11 +102,17 @@ async def timed_generate(client: AsyncHeadserveClient, request: Request, max_new
 async def run_batch(client: AsyncHeadserveClient, requests: Sequence[Request], concurrency: int,
                     max_new_tokens: int) -> BatchResult:
     """Send all requests with at most `concurrency` in flight; wall time covers the whole batch."""
+    return await run_requests(lambda request: timed_generate(client, request, max_new_tokens), requests, concurrency)
+
+
+async def run_requests(send: Callable[[Request], Awaitable[Sample]], requests: Sequence[Request],
+                       concurrency: int) -> BatchResult:
+    """`run_batch` for any server: the peer benchmark sends the same requests to vLLM through this."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(request: Request) -> Sample:
         async with gate:
-            return await timed_generate(client, request, max_new_tokens)
+            return await send(request)
 
     start = time.perf_counter()
     samples = await asyncio.gather(*(one(r) for r in requests))

@@ -201,3 +201,41 @@ def test_metric_sums_add_over_labels_and_deltas_give_mean_batch() -> None:
     delta = metric_delta(before, after)
     assert delta["head_loads_total"] == 4.0 and delta["batch_size_count"] == 4.0
     assert delta["mean_batch_size"] == 10.0
+
+
+def test_smollm2_shaped_spec_is_smollm2_135m_and_a_tiny_one_builds_once(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    spec = fixtures.smollm2_spec()
+    assert {k: spec[k] for k in ("vocab_size", "hidden_size", "n_layer", "num_attention_heads",
+                                 "num_key_value_heads", "intermediate_size", "rope_theta", "tie_word_embeddings")} \
+        == {"vocab_size": 49152, "hidden_size": 576, "n_layer": 30, "num_attention_heads": 9,
+            "num_key_value_heads": 3, "intermediate_size": 1536, "rope_theta": 100000.0, "tie_word_embeddings": True}
+    assert fixtures.smollm2_dir_for(cache_dir=tmp_path) != fixtures.base_dir_for(cache_dir=tmp_path)
+    tiny = {**spec, "vocab_size": 300, "hidden_size": 36, "n_layer": 2, "intermediate_size": 48}
+    built: list[str] = []
+    folder = fixtures.ensure_smollm2_base(cache_dir=tmp_path, log=built.append, spec=tiny, folder=tmp_path / "tiny")
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == "llama" and config.vocab_size == 300 and config.num_hidden_layers == 2
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 4)
+    assert config.rope_parameters["rope_theta"] == 100000.0 and config.tie_word_embeddings
+    assert len(AutoTokenizer.from_pretrained(folder)) == 300
+    assert fixtures.ensure_smollm2_base(cache_dir=tmp_path, log=built.append, spec=tiny, folder=folder) == folder
+    assert len(built) == 1  # cached: the second call found the marker and built nothing
+    other = {**tiny, "n_layer": 3}
+    fixtures.ensure_smollm2_base(cache_dir=tmp_path, log=built.append, spec=other, folder=folder)
+    assert len(built) == 2 and AutoConfig.from_pretrained(folder).num_hidden_layers == 3  # a new spec rebuilds
+
+
+def test_settings_pick_the_shaped_base_layers_and_the_peer_keys_are_reported() -> None:
+    assert settings_for(False, "cpu", "float32").n_layer == 12
+    smol = settings_for(False, "cpu", "float32", base="smollm2-shaped")
+    assert smol.n_layer == 30 and smol.base == "smollm2-shaped" and smol.peer_sequential_requests == 10
+    assert settings_for(True, "cpu", "float32", 4, "smollm2-shaped").n_layer == 4
+    for key in ("vs_vllm_base_ratio", "vs_vllm_adapters_ratio", "vs_vllm_base_ratio_sequential",
+                "vs_vllm_adapters_ratio_sequential"):
+        assert key in REQUIRED_KEYS
+    results = assemble(smol, {}, None, {}, {}, {}, {"vs_vllm_adapters_ratio": 1.6})
+    assert results["vs_vllm_adapters_ratio"] == 1.6 and math.isnan(results["vs_vllm_base_ratio"])
+    assert "SmolLM2-135M shape" in results["notes"][0] and results["base"] == "smollm2-shaped"
+    assert "| `vs_vllm_adapters_ratio` | 1.6 ✅ | >= 1.5 |" in render_markdown(results)
