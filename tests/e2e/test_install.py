@@ -120,7 +120,8 @@ def test_an_installed_server_serves_the_packaged_base_and_heads(installed: Insta
                     time.sleep(0.3)
             assert ready.base == "models/mini-gpt2"  # named as in the heads' metadata, wherever it is installed
             heads = {h.name: h.status for h in client.list_heads()}
-            assert heads == {"math": "ready", "math-linear": "ready"}
+            # smollm2-math is shipped too: made for SmolLM2, so listed (not served) on the embedded base.
+            assert heads == {"math": "ready", "math-linear": "ready", "smollm2-math": "incompatible"}
             result = client.generate("Dan has 87 buttons. Dan buys 5 more buttons. How many buttons does Dan have now?",
                                      head="math", max_new_tokens=4)
             assert result.head == "math" and result.tokens == 4  # the packaged head decodes

