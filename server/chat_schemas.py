@@ -10,12 +10,12 @@ of content in all, before anything is rendered or tokenised.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from heads.prompts import ChatMessage
-from server.openai_schemas import Stop, StreamOptions, Usage
+from server.openai_schemas import OpenAIRequest, Usage
 from server.schemas import MAX_PROMPT_CHARS, MAX_TOP_LOGPROBS
 
 MAX_MESSAGES = 256  # messages in one conversation; their content counts against MAX_PROMPT_CHARS together
@@ -42,42 +42,24 @@ class ChatMessageIn(BaseModel):
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatCompletionRequest(OpenAIRequest):
+    choice_of: ClassVar[str] = "conversation"
 
-    model: str = Field(min_length=1, description='"base" or a head name (see GET /v1/models)')
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, description="default: the server's MAX_NEW_TOKENS")
     max_tokens: int | None = Field(default=None, ge=1, description="OpenAI's older name for max_completion_tokens")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0: greedy; default 1")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1, le=1000, description="extension, as in vLLM")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: Stop | None = None  # the same bounds as /generate's (server.schemas)
-    n: int = 1
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None  # accepted and ignored, as a tracking id
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        unsupported = [
-            (self.n != 1, f"n must be 1 (got {self.n}): one completion per conversation"),
-            (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0,
-             "presence_penalty and frequency_penalty are not supported (must be 0)"),
-            (bool(self.logit_bias), "logit_bias is not supported"),
+        self._refuse([
+            self._one_choice(),
+            *self._neutral_penalties(),
             (self.top_logprobs is not None and not self.logprobs, "top_logprobs needs logprobs: true"),
             (None not in (self.max_tokens, self.max_completion_tokens)
              and self.max_tokens != self.max_completion_tokens, "max_tokens and max_completion_tokens differ; set one"),
-        ]
-        for bad, message in unsupported:
-            if bad:
-                raise ValueError(message)
+        ])
         chars = sum(len(m.text()) for m in self.messages)
         if chars > MAX_PROMPT_CHARS:
             raise ValueError(f"the messages hold {chars} characters; at most {MAX_PROMPT_CHARS} in all")

@@ -7,7 +7,7 @@ never gets silently different behaviour. Fields OpenAI does not define are rejec
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
 
@@ -51,43 +51,62 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class OpenAIRequest(BaseModel):
+    """What /v1/completions and /v1/chat/completions share: the model, the sampling knobs, and the fields
+    OpenAI defines that we honour only in their neutral form (refused by name otherwise)."""
+
     model_config = ConfigDict(extra="forbid")
+    choice_of: ClassVar[str]  # what one choice completes, for the message refusing n > 1
 
     model: str = Field(min_length=1, description='"base" or a head name (see GET /v1/models)')
-    prompt: Prompt
-    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0: greedy; default 1")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1, le=1000, description="extension, as in vLLM")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: Stop | None = None  # the same bounds as /generate's (server.schemas)
     n: int = 1
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted and ignored, as a tracking id
 
+    def _one_choice(self) -> tuple[bool, str]:
+        return self.n != 1, f"n must be 1 (got {self.n}): one completion per {self.choice_of}"
+
+    def _neutral_penalties(self) -> list[tuple[bool, str]]:
+        return [(self.presence_penalty != 0.0 or self.frequency_penalty != 0.0,
+                 "presence_penalty and frequency_penalty are not supported (must be 0)"),
+                (bool(self.logit_bias), "logit_bias is not supported")]
+
+    @staticmethod
+    def _refuse(checks: list[tuple[bool, str]]) -> None:
+        """The first unsupported setting, by name (a 422)."""
+        for bad, message in checks:
+            if bad:
+                raise ValueError(message)
+
+
+class CompletionRequest(OpenAIRequest):
+    choice_of: ClassVar[str] = "prompt"
+
+    prompt: Prompt
+    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
-        unsupported = [
-            (self.n != 1, f"n must be 1 (got {self.n}): one completion per prompt"),
+        self._refuse([
+            self._one_choice(),
             (self.best_of not in (None, 1), f"best_of must be 1 (got {self.best_of})"),
             (self.echo, "echo is not supported"),
             (self.suffix is not None, "suffix is not supported"),
-            (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0,
-             "presence_penalty and frequency_penalty are not supported (must be 0)"),
-            (bool(self.logit_bias), "logit_bias is not supported"),
-        ]
-        for bad, message in unsupported:
-            if bad:
-                raise ValueError(message)
+            *self._neutral_penalties(),
+        ])
         if isinstance(self.prompt, str) and not self.prompt.strip():
             raise ValueError("prompt must not be empty or only whitespace")
         if isinstance(self.prompt, list) and any(isinstance(p, str) and not p.strip() for p in self.prompt):

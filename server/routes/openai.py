@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -31,6 +31,7 @@ from server.openai_schemas import (
     Logprobs,
     Model,
     ModelList,
+    OpenAIRequest,
     Usage,
     openai_error_body,
 )
@@ -96,14 +97,6 @@ async def completions(body: CompletionRequest, request: Request, runtime: Runtim
                              headers=SSE_HEADERS)
 
 
-class SamplingKnobs(Protocol):
-    """The sampling fields /v1/completions and /v1/chat/completions share."""
-
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-
-
 def resolve_model(model: str, request: Request, registry: Registry) -> str | None:
     """The head a `model` names (None: the base), once the registry knows it; a 404 `model_not_found` otherwise.
     The request is labelled `unknown` for the metrics until then."""
@@ -116,7 +109,7 @@ def resolve_model(model: str, request: Request, registry: Registry) -> str | Non
     return head
 
 
-def sampling_params(body: SamplingKnobs) -> SamplingParams:
+def sampling_params(body: OpenAIRequest) -> SamplingParams:
     """OpenAI's knobs -> our sampler: temperature 0 is greedy; top_k (an extension) or top_p truncate."""
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature == 0.0:
