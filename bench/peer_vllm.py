@@ -24,13 +24,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 import torch
 
-from bench.server_proc import free_port
+from bench.server_proc import ChildServer
 from bench.workload import Request, Sample
 
 log = logging.getLogger(__name__)
@@ -156,25 +155,23 @@ class VllmSender:
                       queue_s=math.nan, first_token_s=None, total_s=latency)
 
 
-class VllmServer:
+class VllmServer(ChildServer):
     """Context manager: vLLM's OpenAI server on a base (and adapters), ready, and always stopped on the way out."""
+
+    label, poll_s, tail_lines = "vLLM", 1.0, 30
 
     def __init__(self, python: str, base_dir: Path, log_path: Path, *, dtype: str = "float32",
                  adapters: Mapping[str, Path] | None = None, ready_timeout_s: float = 600.0,
                  kv_cache_gib: int = KV_CACHE_GIB, max_model_len: int = MAX_MODEL_LEN) -> None:
-        self.python, self.base_dir, self.log_path = python, base_dir, log_path
+        super().__init__(log_path, ready_timeout_s)
+        self.python, self.base_dir = python, base_dir
         self.adapters = dict(adapters or {})
-        self.ready_timeout_s = ready_timeout_s
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
         self.flags = ["--model", str(base_dir), "--served-model-name", BASE_MODEL_ID, "--dtype", dtype,
                       "--max-model-len", str(max_model_len), "--seed", "0"]
         if self.adapters:
             self.flags += ["--enable-lora", "--max-lora-rank", str(LORA_RANK), "--max-loras", str(len(self.adapters)),
                            "--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_after_s: float | None = None
 
     def command(self) -> list[str]:
         return [self.python, "-m", VLLM_MODULE, "--host", "127.0.0.1", "--port", str(self.port), *self.flags]
@@ -194,28 +191,14 @@ class VllmServer:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        start = time.perf_counter()
         with httpx.Client(base_url=self.url, timeout=5.0) as client:
-            while True:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"vLLM exited with code {self.proc.returncode} before it was ready; "
-                                       f"see {self.log_path}:\n{self.log_tail()}")
+            def ready() -> bool:
                 try:
-                    if client.get("/v1/models").status_code == 200:
-                        self.ready_after_s = time.perf_counter() - start
-                        return
+                    return client.get("/v1/models").status_code == 200
                 except httpx.HTTPError:
-                    pass
-                if time.perf_counter() - start > self.ready_timeout_s:
-                    raise TimeoutError(f"vLLM was not ready after {self.ready_timeout_s:.0f}s; "
-                                       f"see {self.log_path}:\n{self.log_tail()}")
-                time.sleep(1.0)
+                    return False
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+            self.wait_ready(ready)
 
     def stop(self) -> None:
         """SIGINT (vLLM shuts its engine down), then SIGKILL to the whole session for anything left."""
@@ -236,15 +219,3 @@ class VllmServer:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             log.warning("vLLM (pid %d) did not exit after SIGKILL", proc.pid)
-
-    def __enter__(self) -> VllmServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

@@ -13,8 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from clients import HeadserveClient, HeadserveError
 
@@ -28,19 +30,77 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerProcess:
+_Child = TypeVar("_Child", bound="ChildServer")
+
+
+class ChildServer:
+    """A server child process (ours, or the vLLM peer): waited for until ready, always stopped on the way out.
+
+    Subclasses say how to start and stop it and what "ready" means; the readiness loop, the log tail in
+    every error and the context manager are written once here.
+    """
+
+    label = "the server"  # how errors name it
+    poll_s = 0.5  # between readiness probes
+    tail_lines = 20  # of its log in an error
+
+    def __init__(self, log_path: Path, ready_timeout_s: float) -> None:
+        self.log_path, self.ready_timeout_s = log_path, ready_timeout_s
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_after_s: float | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, is_ready: Callable[[], bool]) -> None:
+        """Poll `is_ready` until it says so; fail with the log's tail if the process exits or time runs out."""
+        start = time.perf_counter()
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited with code {self.proc.returncode} before it was ready; "
+                                   f"see {self.log_path}:\n{self.log_tail()}")
+            if is_ready():
+                self.ready_after_s = time.perf_counter() - start
+                return
+            if time.perf_counter() - start > self.ready_timeout_s:
+                raise TimeoutError(f"{self.label} was not ready after {self.ready_timeout_s:.0f}s; "
+                                   f"see {self.log_path}:\n{self.log_tail()}")
+            time.sleep(self.poll_s)
+
+    def log_tail(self, lines: int | None = None) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-(lines or self.tail_lines):])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self: _Child) -> _Child:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class ServerProcess(ChildServer):
     """Context manager: start the server, wait for /readyz, and always stop it on the way out."""
 
     def __init__(self, base_dir: Path, heads_dir: Path, log_path: Path, *, env: dict[str, str],
                  ready_timeout_s: float = 300.0, log_level: str = "warning") -> None:
         """`env` is the server's whole HEADSERVE_* configuration: any in the caller's environment are dropped,
         so a developer's shell settings never leak into a measurement or a test."""
-        self.base_dir, self.heads_dir, self.log_path = base_dir, heads_dir, log_path
-        self.extra_env, self.ready_timeout_s, self.log_level = env, ready_timeout_s, log_level
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_after_s: float | None = None
+        super().__init__(log_path, ready_timeout_s)
+        self.base_dir, self.heads_dir = base_dir, heads_dir
+        self.extra_env, self.log_level = env, log_level
 
     def start(self) -> None:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("HEADSERVE_")}
@@ -56,28 +116,15 @@ class ServerProcess:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        start = time.perf_counter()
         with HeadserveClient(self.url, timeout=5.0) as client:
-            while True:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was ready; "
-                                       f"see {self.log_path}:\n{self.log_tail()}")
+            def ready() -> bool:
                 try:
                     client.ready()
-                    self.ready_after_s = time.perf_counter() - start
-                    return
                 except HeadserveError:
-                    pass
-                if time.perf_counter() - start > self.ready_timeout_s:
-                    raise TimeoutError(f"the server was not ready after {self.ready_timeout_s:.0f}s; "
-                                       f"see {self.log_path}:\n{self.log_tail()}")
-                time.sleep(0.5)
+                    return False
+                return True
 
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+            self.wait_ready(ready)
 
     def stop(self) -> None:
         """SIGINT first (uvicorn shuts down cleanly), then SIGKILL if it lingers."""
@@ -90,15 +137,3 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-
-    def __enter__(self) -> ServerProcess:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
