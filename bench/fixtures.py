@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,25 +117,18 @@ def _is_valid_base(folder: Path, spec: dict[str, Any]) -> bool:
     return recorded == spec and all((folder / f).is_file() for f in needed)
 
 
-def ensure_base(n_layer: int = 12, cache_dir: Path = DEFAULT_CACHE, log: Any = print) -> Path:
-    """The cached random base folder, built (atomically: tmp folder, then rename) when missing or stale."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    spec = base_spec(n_layer)
-    folder = base_dir_for(n_layer, cache_dir)
+def _build_cached(folder: Path, spec: dict[str, Any], model: Callable[[], Any], log: Any, what: str) -> Path:
+    """`folder` holding `model()` (random weights, seeded by the spec) and the bench tokenizer, unless it
+    already holds this spec; built atomically: a temporary sibling, then one rename."""
     if _is_valid_base(folder, spec):
         return folder
-    log(f"building the random base at {folder} (once; it is cached)")
+    log(f"building the random {what} at {folder} (once; it is cached)")
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         torch.manual_seed(spec["seed"])
-        eos = spec["vocab_size"] - 1
-        config = GPT2Config(vocab_size=spec["vocab_size"], n_positions=spec["n_positions"], n_embd=spec["n_embd"],
-                            n_layer=n_layer, n_head=spec["n_head"], bos_token_id=eos, eos_token_id=eos,
-                            pad_token_id=eos, tie_word_embeddings=True)
-        GPT2LMHeadModel(config).save_pretrained(tmp, safe_serialization=True)
+        model().save_pretrained(tmp, safe_serialization=True)
         build_tokenizer(spec["vocab_size"]).save_pretrained(tmp)
         (tmp / MARKER_NAME).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
         if folder.exists():
@@ -143,6 +137,22 @@ def ensure_base(n_layer: int = 12, cache_dir: Path = DEFAULT_CACHE, log: Any = p
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def ensure_base(n_layer: int = 12, cache_dir: Path = DEFAULT_CACHE, log: Any = print) -> Path:
+    """The cached random base folder, built (atomically: tmp folder, then rename) when missing or stale."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    spec = base_spec(n_layer)
+
+    def model() -> Any:
+        eos = spec["vocab_size"] - 1
+        config = GPT2Config(vocab_size=spec["vocab_size"], n_positions=spec["n_positions"], n_embd=spec["n_embd"],
+                            n_layer=n_layer, n_head=spec["n_head"], bos_token_id=eos, eos_token_id=eos,
+                            pad_token_id=eos, tie_word_embeddings=True)
+        return GPT2LMHeadModel(config)
+
+    return _build_cached(base_dir_for(n_layer, cache_dir), spec, model, log, "base")
 
 
 def smollm2_spec(n_layer: int = 30) -> dict[str, Any]:
@@ -167,15 +177,8 @@ def ensure_smollm2_base(n_layer: int = 30, cache_dir: Path = DEFAULT_CACHE, log:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = spec or smollm2_spec(n_layer)
-    folder = folder or smollm2_dir_for(spec["n_layer"], cache_dir)
-    if _is_valid_base(folder, spec):
-        return folder
-    log(f"building the random SmolLM2-shaped base at {folder} (once; it is cached)")
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        torch.manual_seed(spec["seed"])
+
+    def model() -> Any:
         eos = spec["vocab_size"] - 1  # build_tokenizer's layout: EOS is the last id
         heads = spec["num_attention_heads"]
         config = LlamaConfig(
@@ -185,15 +188,10 @@ def ensure_smollm2_base(n_layer: int = 30, cache_dir: Path = DEFAULT_CACHE, log:
             rope_parameters={"rope_type": "default", "rope_theta": spec["rope_theta"]},
             rms_norm_eps=spec["rms_norm_eps"], max_position_embeddings=spec["max_position_embeddings"],
             tie_word_embeddings=spec["tie_word_embeddings"], bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-        LlamaForCausalLM(config).save_pretrained(tmp, safe_serialization=True)
-        build_tokenizer(spec["vocab_size"]).save_pretrained(tmp)
-        (tmp / MARKER_NAME).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        return LlamaForCausalLM(config)
+
+    return _build_cached(folder or smollm2_dir_for(spec["n_layer"], cache_dir), spec, model, log,
+                         "SmolLM2-shaped base")
 
 
 def make_head(vocab_size: int, n_embd: int, seed: int = HEAD_SEED) -> BackwardAttentionHead:
