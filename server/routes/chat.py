@@ -32,7 +32,7 @@ from server.jobs import JobRequest, build_job, check_max_new_tokens
 from server.openai_schemas import openai_error_body
 from server.routes.openai import finish_reason, no_such_model, resolve_model, sampling_params, usage_of
 from server.sequence import Detokenizer, JobResult
-from server.sse import SSE_HEADERS, sse_done, sse_event
+from server.sse import SSE_HEADERS, STREAMING_RESPONSES, sse_done, sse_event
 from server.state import RegistryDep, RuntimeDep, SettingsDep
 from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_unless_disconnected
 
@@ -40,8 +40,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 @router.post("/chat/completions", response_model=ChatCompletion,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "JSON, or server-sent events with `stream: true`"}})
+             responses=STREAMING_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request, runtime: RuntimeDep, registry: RegistryDep,
                            settings: SettingsDep) -> ChatCompletion | StreamingResponse:
     head = resolve_model(body.model, request, registry)

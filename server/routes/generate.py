@@ -20,7 +20,7 @@ from server.schemas import (
     TopLogprob,
 )
 from server.sequence import Detokenizer, JobResult, Sequence
-from server.sse import SSE_HEADERS, sse_done, sse_event
+from server.sse import SSE_HEADERS, STREAMING_RESPONSES, sse_done, sse_event
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head
 from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_unless_disconnected
 
@@ -28,8 +28,7 @@ router = APIRouter(tags=["generate"])
 
 
 @router.post("/generate", response_model=GenerateResponse,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "JSON, or server-sent events with `stream: true` (docs/api.md)"}})
+             responses=STREAMING_RESPONSES)
 async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep, registry: RegistryDep,
                    settings: SettingsDep) -> GenerateResponse | StreamingResponse:
     max_new_tokens = body.max_new_tokens

@@ -38,7 +38,7 @@ from server.openai_schemas import (
 from server.registry import Registry
 from server.schemas import BASE_LABEL, HEAD_NAME_PATTERN, FinishReason
 from server.sequence import Detokenizer, JobResult, Sequence
-from server.sse import SSE_HEADERS, sse_done, sse_event
+from server.sse import SSE_HEADERS, STREAMING_RESPONSES, sse_done, sse_event
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head, set_head_label
 from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_unless_disconnected
 
@@ -69,8 +69,7 @@ def get_model(model_id: str, runtime: RuntimeDep, registry: RegistryDep) -> Mode
 
 
 @router.post("/completions", response_model=Completion,
-             responses={200: {"content": {"text/event-stream": {}},
-                              "description": "JSON, or server-sent events with `stream: true`"}})
+             responses=STREAMING_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, runtime: RuntimeDep, registry: RegistryDep,
                       settings: SettingsDep) -> Completion | StreamingResponse:
     head = resolve_model(body.model, request, registry)
