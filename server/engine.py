@@ -67,9 +67,7 @@ class Engine:
         self._owner: dict[int, Running] = {}  # id(sequence) -> its job
         self._admitting: list[Running] = []  # taken from the queue but not yet in _active/_owner (worker only)
         self._thread = threading.Thread(target=self._work, name="headserve-engine", daemon=True)
-        # The cores the steps use, read before the head cache's threads set theirs to one; the worker pins it
-        # (server/torch_threads.py), or it would take theirs if a head load did the process's first torch work.
-        self.threads = torch.get_num_threads()
+        self.threads = torch.get_num_threads()  # read before head loads set theirs to 1; pinned by the worker
 
     # -- called from the event loop (server.streaming.JobStream submits and waits) -------------
     def submit(self, pending: Pending) -> None:
