@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +36,16 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_base(tmp_path_factory.mktemp("tiny-base") / "base")
 
 
+def enliven(model: Any, scale: float = 0.3) -> Any:
+    """Every weight matrix redrawn large (seeded): greedy text then varies token to token (see lively_base_dir)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
 @pytest.fixture(scope="session")
 def lively_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny base with large random weights, so greedy text varies token to token.
@@ -43,12 +54,7 @@ def lively_base_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactor
     decodes would pass even with wrong positions, padding or caches; these weights make it fail.
     """
     out = tmp_path_factory.mktemp("lively") / "base"
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model = enliven(AutoModelForCausalLM.from_pretrained(tiny_base_dir))
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_base_dir).save_pretrained(out)
     return out

@@ -32,6 +32,7 @@ from server.runners import RaggedLlama
 from server.schemas import COMPARE_ALL
 from server.sequence import GenerationJob, JobResult
 from server.settings import Settings
+from tests.conftest import enliven
 from tests.integration.ready import wait_ready
 
 PROMPTS = ["12 + 7 =", "Problem: Tom has 3 boxes with 14 pens each. How many pens?\nSolution:", "45",
@@ -49,12 +50,7 @@ def llama_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                          rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=True,
                          bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model = enliven(LlamaForCausalLM(config))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
