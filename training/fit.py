@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -38,7 +37,8 @@ from heads.base_sources import base_names_help
 from heads.errors import BaseModelError
 from heads.prompts import PROMPT_FORMATS, PROMPT_PLACEHOLDER, training_style
 from training import cli
-from training.data import DataError, collate, encode, load_examples
+from training.data import DataError, encode, load_examples
+from training.hidden_cache import DEFAULT_CHUNK_ROWS, TargetStates, chunked_cross_entropy, target_states
 
 log = logging.getLogger("training.fit")
 Encoded = list[tuple[list[int], int]]
@@ -53,59 +53,50 @@ class History:
     eval_loss: list[float] = field(default_factory=list)
 
 
+KINDS = ("backward_attention", "linear", "lowrank")
+
+
+def backward_attention_config(args: argparse.Namespace) -> BackwardAttentionConfig:
+    return BackwardAttentionConfig(latent_dim=args.latent_dim or None, num_heads=args.num_heads,
+                                   weighting=args.weighting, residual=args.residual, chunk_size=args.chunk_size)
+
+
 def build_head(args: argparse.Namespace, base: Base) -> HeadModule:
+    """The head to train. A lowrank head's rank defaults to the one whose parameter count is closest to the
+    backward-attention head these arguments describe: the control for "any low-rank correction helps"."""
     if args.kind == "linear":
         return LinearHead(vocab_size=base.vocab_size, n_embd=base.n_embd).init_from(base.embeddings)
-    config = BackwardAttentionConfig(latent_dim=args.latent_dim or None, num_heads=args.num_heads,
-                                     weighting=args.weighting, residual=args.residual, chunk_size=args.chunk_size)
-    return BackwardAttentionHead(config, vocab_size=base.vocab_size, n_embd=base.n_embd)
+    if args.kind == "lowrank":
+        from heads.lowrank import LowRankConfig, LowRankHead, matched_rank
+
+        rank = args.rank or matched_rank(base.vocab_size, base.n_embd, backward_attention_config(args)
+                                         .parameter_count(base.vocab_size, base.n_embd), tied=args.tied)
+        return LowRankHead(LowRankConfig(rank=rank, tied=args.tied), vocab_size=base.vocab_size, n_embd=base.n_embd)
+    return BackwardAttentionHead(backward_attention_config(args), vocab_size=base.vocab_size, n_embd=base.n_embd)
 
 
-def head_loss(head: nn.Module, hidden: Tensor, labels: Tensor, embeddings: Tensor) -> tuple[Tensor, int]:
-    """Mean teacher-forced cross-entropy over target tokens; position t predicts token t+1.
-
-    Only the positions that predict a target go through the head: prompt and padding positions would
-    each cost a V-wide row (49,152 on SmolLM2) in every product and its gradient, for a zero weight."""
-    targets = labels[:, 1:]  # (B, T-1)
-    scored = targets != -100
-    logits = head(hidden[:, :-1][scored][None], embeddings)[0]  # (N, V): a head is position-wise
-    return F.cross_entropy(logits, targets[scored]), int(scored.sum())
-
-
-class HiddenCache:
-    """Final hidden states of the frozen base per example, filled on first sight, reused after."""
-
-    def __init__(self, base: Base, enabled: bool) -> None:
-        self.base, self.enabled = base, enabled
-        self.store: dict[int, Tensor] = {}
-
-    @torch.no_grad()
-    def batch(self, indices: list[int], data: Encoded) -> tuple[Tensor, Tensor]:
-        input_ids, mask, labels = collate([data[i] for i in indices], self.base.tokenizer.eos_token_id)
-        input_ids, mask = input_ids.to(self.base.device), mask.to(self.base.device)
-        if self.enabled and all(i in self.store for i in indices):
-            hidden = torch.zeros(len(indices), input_ids.shape[1], self.base.n_embd, device=self.base.device)
-            for row, i in enumerate(indices):
-                hidden[row, : self.store[i].shape[0]] = self.store[i]
-        else:
-            hidden = self.base.hidden_states(input_ids, attention_mask=mask).last_hidden_state  # (B, T, D)
-            if self.enabled:
-                for row, i in enumerate(indices):
-                    self.store[i] = hidden[row, : len(data[i][0])].clone()
-        return hidden, labels.to(self.base.device)
+def train_step(head: nn.Module, states: TargetStates, examples: list[int], embeddings: Tensor,
+               optimizer: torch.optim.Optimizer, chunk_rows: int) -> tuple[float, int]:
+    """One optimizer step over these examples' target positions: (mean loss, target tokens)."""
+    hidden, targets = states.rows(examples, embeddings.device)
+    optimizer.zero_grad(set_to_none=True)
+    total, n = chunked_cross_entropy(head, hidden, targets, embeddings, chunk_rows=chunk_rows, backward=True)
+    torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+    optimizer.step()
+    return total / max(1, n), n
 
 
 @torch.no_grad()
-def evaluate_loss(head: nn.Module, cache: HiddenCache, data: Encoded, batch_size: int) -> float:
-    was_training = head.training
-    head.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        hidden, labels = cache.batch(list(range(start, min(len(data), start + batch_size))), data)
-        loss, n = head_loss(head, hidden, labels, cache.base.embeddings)
-        total, count = total + loss.item() * n, count + n
-    head.train(was_training)
-    return total / max(1, count)
+def evaluate_loss(head: nn.Module | None, states: TargetStates, embeddings: Tensor, chunk_rows: int) -> float:
+    """Mean cross-entropy over every target of `states`; `head=None` is the base's own LM head."""
+    was_training = head.training if head is not None else False
+    if head is not None:
+        head.eval()
+    hidden, targets = states.rows(range(len(states)), embeddings.device)
+    total, n = chunked_cross_entropy(head, hidden, targets, embeddings, chunk_rows=chunk_rows)
+    if head is not None:
+        head.train(was_training)
+    return total / max(1, n)
 
 
 def plot_history(history: History, title: str) -> bytes:
@@ -134,14 +125,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "embedded base)")
     p.add_argument("--data", required=True, help="JSONL/Parquet file, folder with train.jsonl, or HF dataset id")
     p.add_argument("--task", required=True, help="what the head is for, recorded in head_config.json")
-    p.add_argument("--kind", choices=("backward_attention", "linear"), default="backward_attention",
-                   help="head kind: the backward-attention head or a trainable copy of the LM head")
+    p.add_argument("--kind", choices=KINDS, default="backward_attention",
+                   help="head kind: the backward-attention head, a trainable copy of the LM head, or the LM head "
+                   "plus a trained low-rank correction")
+    p.add_argument("--rank", type=int, default=None, help="rank of a lowrank head (default: the rank that matches "
+                   "the backward-attention head's parameter count)")
+    p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True,
+                   help="lowrank: the correction's left factor is the embeddings (E B A h), as the backward-attention "
+                   "head's is; --no-tied trains a free (V, r) factor")
     p.add_argument("--out", type=Path, required=True, help="head folder to write (replaced atomically if it exists)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 backward_attention, "
-                   "3e-4 linear)")
+                   "1e-3 lowrank, 3e-4 linear)")
     p.add_argument("--latent-dim", type=int, default=64, help="latent width L of the vocabulary keys; 0 keeps the "
                    "base width")
     p.add_argument("--num-heads", type=int, default=2, help="attention heads H of the backward-attention head")
@@ -163,10 +160,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="chat: the filled template is the user message of the base's chat template; auto: chat when "
                    "the base has a chat template")
     p.add_argument("--cache-hidden", action=argparse.BooleanOptionalAction, default=True,
-                   help="cache base hidden states after the first epoch")
+                   help="keep the base's hidden-state pass on disk (float16, under HEADSERVE_CACHE_DIR) so another "
+                   "fit on the same data and base skips it")
+    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="target tokens per cross-entropy "
+                   "chunk: memory is chunk-rows x vocabulary floats, whatever the batch")
     args = p.parse_args(argv)
     if args.lr is None:
-        args.lr = 3e-4 if args.kind == "linear" else 3e-3
+        args.lr = {"linear": 3e-4, "lowrank": 1e-3}.get(args.kind, 3e-3)
     if args.epochs < 1 or args.batch_size < 1 or not 0 <= args.val_fraction < 1:
         p.error("--epochs and --batch-size must be >= 1 and --val-fraction in [0, 1)")
     if args.prompt_template is not None and PROMPT_PLACEHOLDER not in args.prompt_template:
@@ -191,65 +191,57 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     log.info("%d train / %d held-out examples; %d truncated, %d dropped (prompt too long)", len(train), len(val),
              train_stats.truncated, train_stats.dropped)
 
+    train_states = target_states(base, train, use_disk=args.cache_hidden, desc="base pass (train)")
+    val_states = target_states(base, val, use_disk=args.cache_hidden, desc="base pass (held-out)") if val else None
+    hidden_pass = train_states.stats()
+    log.info("hidden states: %s", hidden_pass)
+
     head = build_head(args, base).to(base.device)
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = min(args.max_steps or 10**12, steps_per_epoch * args.epochs)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
-    cache_train, cache_val = HiddenCache(base, args.cache_hidden), HiddenCache(base, args.cache_hidden)
     order = torch.Generator().manual_seed(args.seed)
-    history, step, tokens = History(), 0, 0
-    speed: dict[int, tuple[int, float]] = {}  # epoch -> (target tokens, seconds)
+    history, step, tokens, train_seconds = History(), 0, 0, 0.0  # seconds of training steps only, no evals
+    embeddings = base.embeddings.detach()
     started = time.time()
-    bar = tqdm(total=total_steps, desc=f"fit {args.task}", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc=f"fit {args.task} ({args.kind})", file=sys.stderr, dynamic_ncols=True)
     for epoch in range(args.epochs):
-        epoch_tokens, epoch_seconds = 0, 0.0  # training steps only; held-out evals are not counted
         perm = torch.randperm(len(train), generator=order).tolist()
         for start in range(0, len(perm), args.batch_size):
             if step >= total_steps:
                 break
             step_start = time.perf_counter()
-            hidden, labels = cache_train.batch(perm[start: start + args.batch_size], train)
-            loss, n = head_loss(head, hidden, labels, base.embeddings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            optimizer.step()
+            loss, n = train_step(head, train_states, perm[start: start + args.batch_size], embeddings, optimizer,
+                                 args.chunk_rows)
             schedule.step()
-            step, tokens, epoch_tokens = step + 1, tokens + n, epoch_tokens + n
+            step, tokens = step + 1, tokens + n
             history.steps.append(step)
-            history.train_loss.append(loss.item())
-            epoch_seconds += time.perf_counter() - step_start
-            rate = epoch_tokens / max(1e-9, epoch_seconds)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}", epoch=epoch)
+            history.train_loss.append(loss)
+            train_seconds += time.perf_counter() - step_start
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(1e-9, train_seconds):.0f}", epoch=epoch)
             bar.update()
-            if val and args.eval_every and step % args.eval_every == 0:
+            if val_states is not None and args.eval_every and step % args.eval_every == 0:
                 history.eval_steps.append(step)
-                history.eval_loss.append(evaluate_loss(head, cache_val, val, args.batch_size))
-        speed[epoch] = (epoch_tokens, epoch_seconds)
+                history.eval_loss.append(evaluate_loss(head, val_states, embeddings, args.chunk_rows))
     bar.close()
     head.eval()
-    val_loss = evaluate_loss(head, cache_val, val, args.batch_size) if val else None
+    val_loss = evaluate_loss(head, val_states, embeddings, args.chunk_rows) if val_states is not None else None
     # The base's own LM head on the same held-out rows: what the head's loss is worth (lower is better than it).
-    base_head = LinearHead(vocab_size=base.vocab_size, n_embd=base.n_embd).init_from(base.embeddings).to(base.device)
-    base_val_loss = evaluate_loss(base_head, cache_val, val, args.batch_size) if val else None
+    base_val_loss = evaluate_loss(None, val_states, embeddings, args.chunk_rows) if val_states is not None else None
     if val_loss is not None and (not history.eval_steps or history.eval_steps[-1] != step):
         history.eval_steps.append(step)
         history.eval_loss.append(val_loss)
 
-    first = speed[0]
-    later = [speed[e] for e in speed if e > 0 and speed[e][0]]
-    tps_first = first[0] / max(1e-9, first[1])
-    tps_cached = sum(t for t, _ in later) / max(1e-9, sum(s for _, s in later)) if later else None
     training = {
         "data": str(args.data), "examples": len(train), "held_out_examples": len(val), "rows_read": stats.rows,
         "rows_skipped": stats.skipped, "truncated": train_stats.truncated, "dropped": train_stats.dropped,
         "epochs": args.epochs, "steps": step, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "parameters": sum(p.numel() for p in head.parameters()),
         "target_tokens": tokens, "wall_time_s": round(time.time() - started, 2),
-        "tokens_per_s_first_epoch": round(tps_first, 1),
-        "tokens_per_s_cached": round(tps_cached, 1) if tps_cached else None,
-        "hidden_cache": args.cache_hidden,
+        "tokens_per_s": round(tokens / max(1e-9, train_seconds), 1),
+        "hidden_pass": hidden_pass,
         "final_metrics": {
             "train_loss": round(history.train_loss[-1], 4),
             "held_out_loss": round(val_loss, 4) if val_loss is not None else None,
@@ -271,9 +263,10 @@ def summary(args: argparse.Namespace, training: dict[str, Any]) -> str:
     held_out = (f"held-out loss {m['held_out_loss']} (perplexity {m['held_out_perplexity']}; the base's own head: "
                 f"{m['base_held_out_loss']})"
                 if m["held_out_loss"] is not None else f"train loss {m['train_loss']} (no held-out rows)")
-    speed = f"{training['tokens_per_s_first_epoch']:,.0f} target tokens/s in epoch 1 (base + head)"
-    if training["tokens_per_s_cached"] is not None:
-        speed += f", {training['tokens_per_s_cached']:,.0f} tokens/s after it (cached hidden states)"
+    hp = training["hidden_pass"]
+    base_pass = "read from an earlier pass" if hp["from_disk"] else \
+        f"{hp['pass_tokens']:,} tokens in {hp['pass_seconds']:.0f} s ({hp['pass_tokens_per_s']:,.0f} tok/s)"
+    speed = f"base pass {base_pass}; head {training['tokens_per_s']:,.0f} target tokens/s"
     name = args.out.resolve().name
     return "\n".join([
         f"wrote {args.out}: {args.kind} head for {args.task!r}, {training['steps']} steps in "

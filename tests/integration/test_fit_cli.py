@@ -24,7 +24,8 @@ def test_fit_writes_a_loadable_head_with_its_training_record(tiny_base_dir, synt
     t = meta.training
     assert t["steps"] == 10 and t["seed"] == 0 and t["data"] == str(synth_dir)
     assert t["examples"] + t["held_out_examples"] == 64
-    assert t["final_metrics"]["held_out_loss"] > 0 and t["tokens_per_s_first_epoch"] > 0
+    assert t["final_metrics"]["held_out_loss"] > 0 and t["tokens_per_s"] > 0
+    assert t["hidden_pass"]["target_tokens"] > 0 and t["parameters"] == sum(p.numel() for p in head.parameters())
     assert t["final_metrics"]["base_held_out_loss"] > 0  # the base's own head on the same rows, for comparison
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -37,15 +38,20 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tiny_base_dir, synth_dir, t
     assert a != c
 
 
-def test_hidden_cache_trains_the_same_head(tiny_base_dir, synth_dir, tmp_path) -> None:
+def test_hidden_cache_trains_the_same_head(tiny_base_dir, synth_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HEADSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    run_fit(tiny_base_dir, synth_dir, tmp_path / "first", "--cache-hidden")
     run_fit(tiny_base_dir, synth_dir, tmp_path / "cached", "--cache-hidden")
     run_fit(tiny_base_dir, synth_dir, tmp_path / "plain", "--no-cache-hidden")
     cached, _ = load_head(tmp_path / "cached")
     plain, _ = load_head(tmp_path / "plain")
     for (name, p), q in zip(cached.state_dict().items(), plain.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=name)
-    meta = json.loads((tmp_path / "cached" / "head_config.json").read_text())["training"]
-    assert meta["hidden_cache"] is True and meta["tokens_per_s_cached"] > 0
+    first = json.loads((tmp_path / "first" / "head_config.json").read_text())["training"]["hidden_pass"]
+    again = json.loads((tmp_path / "cached" / "head_config.json").read_text())["training"]["hidden_pass"]
+    assert first["from_disk"] is False and first["pass_seconds"] > 0
+    assert again["from_disk"] is True and again["target_tokens"] == first["target_tokens"]  # no second base pass
+    assert sorted(p.name for p in (tmp_path / "cache" / "hidden").iterdir()) != []
 
 
 def test_linear_kind_starts_from_the_base_lm_head(tiny_base_dir, synth_dir, tmp_path) -> None:
@@ -61,15 +67,15 @@ def test_ctrl_c_leaves_the_previous_head_untouched(tiny_base_dir, synth_dir, tmp
     run_fit(tiny_base_dir, synth_dir, out, "--max-steps", "2")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
-    real_loss = fit.head_loss
+    real_step = fit.train_step
 
     def interrupt_on_third_step(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(fit, "head_loss", interrupt_on_third_step)
+    monkeypatch.setattr(fit, "train_step", interrupt_on_third_step)
     with pytest.raises(SystemExit) as exit_info:
         run_fit(tiny_base_dir, synth_dir, out, "--seed", "7")
     assert exit_info.value.code == 130
@@ -93,10 +99,14 @@ def test_fit_prints_what_it_wrote_and_the_commands_to_run_next(tiny_base_dir, sy
     assert f"loss curve: {out / 'loss_curve.png'}" in printed
     assert f"-m training.evaluate --heads {out} --data {synth_dir} --out reports/my-head" in printed
     assert f"-m clients register {out} --name my-head" in printed
-    # One epoch caches nothing that is read again: no "cached" speed, and never a "None".
-    assert "None" not in printed and "cached hidden states" not in printed
+    assert "None" not in printed and "head " in printed and "target tokens/s" in printed
 
 
-def test_fit_reports_the_cached_speed_after_the_first_epoch(tiny_base_dir, synth_dir, tmp_path, capsys) -> None:
+def test_fit_reports_the_base_pass_cost_then_that_it_was_read(tiny_base_dir, synth_dir, tmp_path, capsys,
+                                                              monkeypatch) -> None:
+    monkeypatch.setenv("HEADSERVE_CACHE_DIR", str(tmp_path / "cache"))
     run_fit(tiny_base_dir, synth_dir, tmp_path / "h")
-    assert "tokens/s after it (cached hidden states)" in capsys.readouterr().out
+    first = capsys.readouterr().out
+    assert "base pass " in first and " tok/s)" in first
+    run_fit(tiny_base_dir, synth_dir, tmp_path / "h2", "--kind", "linear")
+    assert "base pass read from an earlier pass" in capsys.readouterr().out
