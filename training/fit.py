@@ -30,6 +30,9 @@ from heads import (
     HeadError,
     HeadModule,
     LinearHead,
+    LowRankConfig,
+    LowRankHead,
+    matched_rank,
     save_head,
 )
 from heads.base import Base, default_base, load_base
@@ -67,8 +70,6 @@ def build_head(args: argparse.Namespace, base: Base) -> HeadModule:
     if args.kind == "linear":
         return LinearHead(vocab_size=base.vocab_size, n_embd=base.n_embd).init_from(base.embeddings)
     if args.kind == "lowrank":
-        from heads.lowrank import LowRankConfig, LowRankHead, matched_rank
-
         rank = args.rank or matched_rank(base.vocab_size, base.n_embd, backward_attention_config(args)
                                          .parameter_count(base.vocab_size, base.n_embd), tied=args.tied)
         return LowRankHead(LowRankConfig(rank=rank, tied=args.tied), vocab_size=base.vocab_size, n_embd=base.n_embd)

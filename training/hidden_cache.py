@@ -67,7 +67,7 @@ class TargetStates:
         hidden = torch.from_numpy(np.ascontiguousarray(self.hidden[index])).to(device, torch.float32)
         return hidden, torch.from_numpy(self.targets[index].astype(np.int64)).to(device)
 
-    def stats(self) -> dict[str, float | int | bool]:
+    def stats(self) -> dict[str, float | int | bool | None]:
         """The one-pass cost as a head's training block records it."""
         return {"examples": len(self), "target_tokens": self.n_targets, "pass_tokens": self.pass_tokens,
                 "pass_seconds": round(self.pass_seconds, 2), "from_disk": self.from_disk,

@@ -23,7 +23,7 @@ def _prepared(kind: str) -> tuple[HeadModule, Tensor]:
 
 
 def test_the_known_kinds_are_registered() -> None:
-    assert {"backward_attention", "linear"} <= set(head_type_names())
+    assert {"backward_attention", "linear", "lowrank"} <= set(head_type_names())
 
 
 @pytest.mark.parametrize("kind", head_type_names())
