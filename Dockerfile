@@ -27,6 +27,7 @@ WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY headserve headserve
 COPY heads heads
+COPY runtime runtime
 COPY server server
 COPY training training
 COPY clients clients

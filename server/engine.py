@@ -3,7 +3,7 @@
 One worker thread owns the model; request handlers validate, prepare the head, enqueue a
 `GenerationJob` and wait for the events the worker posts back (`server.streaming.JobStream`: the
 finished result, and every step's new tokens for a streaming request). Each engine step is one forward pass of
-the base (its ragged runner's `step`, server.runners) over all active sequences: the prompts of newly
+the base (its ragged runner's `step`, runtime.runners) over all active sequences: the prompts of newly
 admitted jobs and one token for every sequence already decoding. The step's final hidden states are split by head
 and each head's `decode` runs once for its group; then every sequence draws its own token with
 its own generator, so its output does not depend on its neighbours. Sequences join between
@@ -37,10 +37,11 @@ from torch import Tensor
 
 from heads.base import Base
 from heads.sampling import SamplingParams, make_generator
+from runtime.batch_decode import new_token_budget
+from runtime.runners import Prefill, runner_for
 from server.errors import GenerationFailedError, HeadOutputError, NotReadyError, QueueFullError
 from server.metrics import Metrics
 from server.next_tokens import draw_tokens
-from server.runners import Prefill, runner_for
 from server.schemas import BASE_LABEL, COMPARE_ALL
 from server.sequence import GenerationJob, JobResult, Pending, Running, Sequence, Settle
 from server.torch_threads import pin_threads
@@ -191,8 +192,7 @@ class Engine:
         """The sequences of a job: the answer with its head, then the comparison decodes with the base's (each
         recording the job's `top_logprobs` alternatives, which /generate streams for every decoder)."""
         job = pending.job
-        room = self.base.n_positions - len(job.prompt_ids)  # the whole sequence must fit the base context
-        max_new = max(1, min(job.max_new_tokens, room))
+        max_new = new_token_budget(self.base.n_positions, len(job.prompt_ids), job.max_new_tokens)
         sequences = [Sequence(decoder=job.params.strategy, head_label=job.head_label, head=job.head,
                               params=job.params, generator=self._generator(job.params, job.seed),
                               max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos, end_ids=job.end_ids,

@@ -15,7 +15,7 @@ from torch import Tensor
 from heads import HeadFormatError
 from heads.base import Base
 from heads.factored import FactoredHead
-from server.head_logits import Head
+from runtime.head_logits import Head
 
 # Two states, one of the template heads are trained with and one of plain prose: weights that overflow do
 # so on any state, and each state costs a factored head one V x D row product on every cold load (about
@@ -61,7 +61,7 @@ class HeadProbe:
 
     def logits(self, head: Head) -> Tensor:
         """(N, V) float32 logits of the head on the probe states, through the calls the engine makes
-        (server/head_logits.py): a factored head's projection goes through the base's LM head and is
+        (runtime/head_logits.py): a factored head's projection goes through the base's LM head and is
         combined; any other head decodes, given the base's logits when it says it uses them."""
         with torch.no_grad():
             if head is None:

@@ -1,6 +1,6 @@
 """One engine step's draws: from the step's hidden states to one new token per sequence.
 
-Each head's group gets its logits once (server/head_logits.py); its greedy rows share one argmax
+Each head's group gets its logits once (runtime/head_logits.py); its greedy rows share one argmax
 and every sampling row draws with its own generator. Whatever goes wrong here belongs to one
 sequence or one head's group — a head that raises, logits that are NaN or infinite (or overflow at
 the sequence's temperature), a stop string or detokenisation that fails — so it is caught there and
@@ -19,8 +19,8 @@ from torch import Tensor
 
 from heads.base import Base
 from heads.sampling import NonFiniteLogitsError, SamplingParams, sample, scaled_logits
+from runtime.head_logits import group_logits
 from server.errors import GenerationFailedError, HeadOutputError
-from server.head_logits import group_logits
 from server.sequence import Detokenizer, Sequence
 
 log = logging.getLogger(__name__)

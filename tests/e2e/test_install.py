@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0  # a generous "became ready instead of hanging" bound: it takes about 5 s
-SOURCE = ["pyproject.toml", "README.md", "LICENSE", "headserve", "heads", "server", "training", "clients", "bench",
-          "models", "registry"]  # what the wheel is built from (tests/unit/test_packaging.py checks this list)
+SOURCE = ["pyproject.toml", "README.md", "LICENSE", "headserve", "heads", "runtime", "server", "training", "clients",
+          "bench", "models", "registry"]  # what the wheel is built from (tests/unit/test_packaging.py checks this list)
 
 
 @dataclass

@@ -18,9 +18,9 @@ from heads import BackwardAttentionConfig, BackwardAttentionHead, load_head
 from heads.base import EMBEDDED_BASE, REPO_ROOT, Base, load_base
 from heads.factored import FactoredHead, SharedNorms
 from heads.sampling import SamplingParams
+from runtime.runners import Prefill, RaggedGPT2
 from server.engine import Engine, Pending
 from server.metrics import Metrics
-from server.runners import Prefill, RaggedGPT2
 from server.sequence import GenerationJob, JobResult
 
 PROMPTS = ["12 + 7 =", "Problem: Tom has 3 boxes with 14 pens each. How many pens?\nSolution:", "45 + 38 =",

@@ -25,10 +25,10 @@ from transformers import (
 
 from heads.base import Base, load_base
 from heads.sampling import SamplingParams
+from runtime.runners import RaggedLlama
 from server.app import create_app
 from server.engine import Engine
 from server.metrics import Metrics
-from server.runners import RaggedLlama
 from server.schemas import COMPARE_ALL
 from server.sequence import GenerationJob, JobResult
 from server.settings import Settings

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from heads.errors import UnsupportedBaseError
-from server.runners import Prefill, RaggedGPT2, RaggedLlama, SlotKVCache, runner_for
+from runtime.runners import Prefill, RaggedGPT2, RaggedLlama, SlotKVCache, runner_for
 
 VOCAB = 96
 # 4 query heads over 2 key/value heads (grouped-query attention), a small context, tied embeddings.

@@ -2,7 +2,7 @@
 
 The block's own modules (ln_1, c_attn, c_proj, ln_2, mlp, ln_f) are reused, so weights, activation
 and layer-norm details are exactly the base's; only attention is done here, over the slot cache
-(server.runners.attention).
+(runtime.runners.attention).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from heads.errors import UnsupportedBaseError
-from server.runners.attention import FlatStep, attend
-from server.runners.cache import Prefill, SlotKVCache
+from runtime.runners.attention import FlatStep, attend
+from runtime.runners.cache import Prefill, SlotKVCache
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel

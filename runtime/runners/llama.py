@@ -5,7 +5,7 @@ heads than query heads), a gated MLP. The model's own modules and weights are re
 q/k/v/o projections with whatever biases they carry, the MLP, the final norm) and so is its own
 `rotary_emb`, called once per step with every token's position, so the config's theta and its RoPE
 scaling (linear, dynamic, yarn, llama3 ...) come out exactly as the model computes them. Only
-attention is done here, over the slot cache (server.runners.attention), which stores the KV heads.
+attention is done here, over the slot cache (runtime.runners.attention), which stores the KV heads.
 
 What the runner cannot honour it refuses when it is built, naming the option: sliding-window
 attention, RoPE whose frequencies depend on the longest sequence in a forward (longrope), and
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from heads.errors import UnsupportedBaseError
-from server.runners.attention import FlatStep, attend
-from server.runners.cache import Prefill, SlotKVCache
+from runtime.runners.attention import FlatStep, attend
+from runtime.runners.cache import Prefill, SlotKVCache
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from server.runners.cache import Prefill, SlotKVCache
+from runtime.runners.cache import Prefill, SlotKVCache
 
 
 @dataclass

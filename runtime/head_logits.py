@@ -1,9 +1,11 @@
-"""One engine step's next-token logits for every head in the batch, with one shared LM-head product.
+"""One decode step's next-token logits for every head in the batch, with one shared LM-head product.
 
-The base's LM head runs once for the whole step, over the hidden states of every row that needs
-the base's logits (its own rows, residual or "probs" heads) stacked with the projections of every
-factored head's rows (heads/factored.py): one V x D product however many heads are in the batch.
-Each materialised head then decodes its own group once.
+Shared by the server's engine (server/next_tokens.py) and the offline decode loop evaluation runs
+(runtime/batch_decode.py), so both turn hidden states into logits the same way. The base's LM head
+runs once for the whole step, over the hidden states of every row that needs the base's logits (its
+own rows, residual or "probs" heads) stacked with the projections of every factored head's rows
+(heads/factored.py): one V x D product however many heads are in the batch. Each materialised head
+then decodes its own group once.
 
 A head that raises (in its projection or its decode) spoils only its own group: that group gets the
 exception in place of logits and every other group decodes on. Only the shared product itself, the

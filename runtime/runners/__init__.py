@@ -17,13 +17,13 @@ from typing import Protocol
 from torch import Tensor, nn
 
 from heads.errors import UnsupportedBaseError
-from server.runners.cache import POSITION_BLOCK, Prefill, SlotKVCache
-from server.runners.gpt2 import RaggedGPT2
-from server.runners.llama import RaggedLlama
+from runtime.runners.cache import POSITION_BLOCK, Prefill, SlotKVCache
+from runtime.runners.gpt2 import RaggedGPT2
+from runtime.runners.llama import RaggedLlama
 
 
 class Runner(Protocol):
-    """What the engine asks of a runner."""
+    """What the server's engine and the offline decode loop (runtime.batch_decode) ask of a runner."""
 
     n_positions: int  # the base's context: the cache never grows past it
 
