@@ -38,6 +38,25 @@ class NumericErrors:
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    difference: float  # mean(a) - mean(b) on the same problems
+    ci_low: float  # paired percentile bootstrap interval around it
+    ci_high: float
+    share_better: float  # share of resamples where a's mean is strictly above b's: "a is better" with this confidence
+    n: int
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How much a score moves over a set of settings (the decoding sweep): less is less sensitive."""
+
+    minimum: float
+    maximum: float
+    range: float  # maximum - minimum
+    std: float  # population standard deviation over the settings
+
+
+@dataclass(frozen=True)
 class TokenPRF:
     precision: float
     recall: float
@@ -92,15 +111,40 @@ def bootstrap_ci(values: Sequence[float], *, seed: int = 0, n_resamples: int = B
     Why bootstrap: evaluation sets are small (hundreds), so "accuracy 0.31" alone hides whether two
     heads differ at all. A seeded numpy Generator makes the interval reproducible run to run.
     """
+    return _percentiles(_bootstrap_means(values, seed, n_resamples), confidence)
+
+
+def _bootstrap_means(values: Sequence[float], seed: int, n_resamples: int) -> np.ndarray:
+    """(n_resamples,) means of resamples of `values` with replacement, drawn from a generator seeded with `seed`."""
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
+        raise ValueError("a bootstrap needs at least one value")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, data.size, size=(n_resamples, data.size))
-    means = data[idx].mean(axis=1)
+    return data[idx].mean(axis=1)
+
+
+def _percentiles(means: np.ndarray, confidence: float) -> tuple[float, float]:
     tail = (1.0 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, seed: int = 0,
+                     n_resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE) -> PairedDifference:
+    """mean(a) - mean(b) over the same problems, with a paired percentile bootstrap interval.
+
+    Why paired: two rows scored on the same problems share each problem's difficulty, so resampling
+    problems (both rows' scores together) gives a far tighter interval on the difference than two
+    independent intervals would suggest, and answers "is a better than b, with what confidence":
+    `share_better` is the share of resamples in which a's mean is strictly higher.
+    """
+    _same_length(a, b)
+    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    means = _bootstrap_means(diffs.tolist(), seed, n_resamples)
+    low, high = _percentiles(means, confidence)
+    return PairedDifference(difference=float(diffs.mean()), ci_low=low, ci_high=high,
+                            share_better=float((means > 0).mean()), n=int(diffs.size))
 
 
 def accuracy_with_ci(predicted: Sequence[str | None], expected: Sequence[str], *, seed: int = 0) -> Accuracy:
@@ -111,6 +155,34 @@ def accuracy_with_ci(predicted: Sequence[str | None], expected: Sequence[str], *
     low, high = bootstrap_ci([float(m) for m in matches], seed=seed)
     return Accuracy(accuracy=sum(matches) / len(matches), ci_low=low, ci_high=high, n_correct=sum(matches),
                     n=len(matches))
+
+
+def share_within(predicted: Sequence[str | None], expected: Sequence[str], *, rel: float = 0.01) -> float:
+    """Share of all examples whose answer is within `rel` relative error: |p - e| <= rel * |e|.
+
+    The robust companion of MSE that still counts every example: an unparsed prediction is not within, an
+    expected answer of 0 needs exactly 0 (the bound is 0), and a non-numeric expected answer needs an exact match.
+    """
+    _same_length(predicted, expected)
+    if not expected:
+        raise ValueError("share_within needs at least one example")
+    hits = 0
+    for p, e in zip(predicted, expected, strict=True):
+        p_value, e_value = parse_number(p), parse_number(e)
+        if e_value is None:
+            hits += exact_matches([p], [e])[0]
+        elif p_value is not None:
+            hits += abs(p_value - e_value) <= rel * abs(e_value)
+    return hits / len(expected)
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Min, max, range and standard deviation of a score over settings."""
+    if not values:
+        raise ValueError("spread needs at least one value")
+    data = np.asarray(values, dtype=np.float64)
+    low, high = float(data.min()), float(data.max())
+    return Spread(minimum=low, maximum=high, range=high - low, std=float(data.std()))
 
 
 def slog10(x: float) -> float:

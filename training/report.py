@@ -1,8 +1,9 @@
-"""The evaluation report as files: report.json is the record, report.md and report.png are rendered from it.
+"""The evaluation report as files: report.json is the record; report.md and the PNG plots are rendered from it.
 
 Kept apart from `training.evaluate` (which decodes and scores) so that a report can be rendered
 again from its JSON alone (`python -m training.evaluate --from-json reports/math/report.json`)
-when the markdown format changes, without decoding anything again.
+when the markdown format changes, without decoding anything again. The decoding sweep's tables and
+plots are `training.report_sweep`'s.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 
 from heads.folders import write_file_atomic
 from training.metrics import exact_matches
+from training.report_sweep import markdown_sweep, plot_sweep
+
+REPORT_PNG = "report.png"
 
 NOTES = """\
 How each column is measured:
@@ -24,11 +28,15 @@ How each column is measured:
 - **Acc [95% CI]**: exact match of the final answer extracted from the generated text against
   `expected_answer`, after normalising numbers (`12.0` == `12`, `1,200` == `1200`); the interval is a
   percentile bootstrap over examples (1000 resamples, seeded).
-- **MedAE (n)**: median absolute error of the answer over the n examples where both the predicted and
-  the expected answer parse as numbers. **log10 err**: the mean of |slog10(predicted) - slog10(expected)|
-  with slog10(x) = sign(x) log10(1 + |x|) over the same pairs: how many orders of magnitude off an answer
-  is on average (1.0 is about a factor of ten). Both are robust to the runaway numbers a model can emit
-  (a 30-digit "answer"), which dominate MSE/RMSE; those stay in report.json (`mse`, `rmse`).
+- **Δ vs greedy [95% CI]**: the row's accuracy minus the `greedy` row's on the same problems, with a paired
+  bootstrap interval (problems resampled with both rows' results, 1000 resamples, seeded); **P(better)**: the
+  share of those resamples in which the row is strictly more accurate than `greedy`: how sure "better" is.
+- **MSE / RMSE**: of the answer, as the paper lists them, over the n examples where both the predicted and the
+  expected answer parse as numbers. One runaway number (a 30-digit "answer") dominates them, so robust
+  companions follow: **MedAE (n)**, the median absolute error over the same n pairs; **log10 err**, the mean of
+  |slog10(predicted) - slog10(expected)| with slog10(x) = sign(x) log10(1 + |x|) (orders of magnitude off:
+  1.0 is about a factor of ten); **≤1%**, the share of *all* examples whose answer is within 1% of the expected
+  one (|p - e| <= 0.01 |e|: an expected 0 needs exactly 0; an unparsed answer is not within).
 - **P / R / F1**: bag-of-tokens overlap (as SQuAD F1) between the generated text and the reference target,
   both tokenised by the base tokenizer, averaged over examples.
 - **tok/s**: generated tokens (EOS included) / wall seconds of the batched decode; **tokens**: their total.
@@ -42,15 +50,30 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}e}" if abs(value) >= 1e6 else f"{value:.{digits}f}"
 
 
+def _paired(row: dict[str, Any]) -> tuple[str, str]:
+    """The Δ-vs-greedy and P(better) cells: none for greedy itself, n/a for a report from before they existed."""
+    if "paired_vs_greedy" not in row:
+        return "n/a", "n/a"
+    d = row["paired_vs_greedy"]
+    if d is None:
+        return "—", "—"
+    return f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]", f"{d['share_better']:.2f}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| row | CE (nats/tok) | PPL | Acc [95% CI] | MedAE (n) | log10 err | P | R | F1 | tok/s | tokens |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | CE (nats/tok) | PPL | Acc [95% CI] | Δ vs greedy [95% CI] | P(better) | MSE | RMSE | MedAE (n) | "
+             "log10 err | ≤1% | P | R | F1 | tok/s | tokens |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        # Reports written before the robust errors existed have none: they show n/a, never a made-up number.
+        # Reports written before a column existed have none: they show n/a, never a made-up number.
+        diff, better = _paired(r)
         lines.append(
             f"| {r['name']} | {_fmt(r['cross_entropy'])} | {_fmt(r['perplexity'], 2)} | "
             f"{_fmt(r['accuracy'])} [{_fmt(r['accuracy_ci_low'])}, {_fmt(r['accuracy_ci_high'])}] | "
+            f"{diff} | {better} | "
+            f"{_fmt(r.get('mse'), 1)} | {_fmt(r.get('rmse'), 1)} | "
             f"{_fmt(r.get('median_abs_error'), 1)} ({r['n_parsed']}) | {_fmt(r.get('log10_error'), 2)} | "
+            f"{_fmt(r.get('within_1pct'))} | "
             f"{_fmt(r['token_precision'])} | {_fmt(r['token_recall'])} | {_fmt(r['token_f1'])} | "
             f"{r['tokens_per_s']:.1f} | {r['generated_tokens']} |")
     return "\n".join(lines) + "\n"
@@ -88,9 +111,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     """report.md from report.json's content alone."""
     header = (f"# Evaluation: {report['base']}\n\n{report['n_examples']} examples from `{report['data']}` "
               f"({report['split']}), seed {report['seed']}, top-k {report['top_k']}, "
-              f"max {report['max_new_tokens']} new tokens.\n\n")
+              f"max {report['max_new_tokens']} new tokens.\n\n"
+              f"![accuracy with its interval and perplexity, per row]({REPORT_PNG})\n\n")
+    sweep = report.get("sweep")
     samples = markdown_samples(report["rows"])
-    return header + markdown_table(report["rows"]) + "\n" + NOTES + ("\n" + samples if samples else "")
+    return (header + markdown_table(report["rows"]) + "\n" + NOTES
+            + ("\n" + markdown_sweep(sweep, report["n_examples"]) if sweep else "")
+            + ("\n" + samples if samples else ""))
 
 
 def plot_png(rows: list[dict[str, Any]]) -> bytes:
@@ -119,19 +146,29 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+def render_files(report: dict[str, Any]) -> dict[str, bytes]:
+    """{file name: content} of everything rendered from the report: report.md and the plots."""
+    files = {"report.md": render_markdown(report).encode(), REPORT_PNG: plot_png(report["rows"])}
+    if report.get("sweep"):
+        files.update(plot_sweep(report["sweep"]))
+    return files
+
+
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
-    """report.json, report.md and report.png into `out`; returns the paths written."""
+    """report.json, report.md and the plots into `out`; returns the paths written (report.md first)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "report.json", out / "report.md", out / "report.png"]
-    write_file_atomic(paths[0], (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-    write_file_atomic(paths[1], render_markdown(report).encode())
-    write_file_atomic(paths[2], plot_png(report["rows"]))
-    return paths
+    files = render_files(report)  # before any write: a report that cannot be rendered leaves no half report behind
+    write_file_atomic(out / "report.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    for name, content in files.items():
+        write_file_atomic(out / name, content)
+    return [out / "report.md", out / "report.json", *(out / name for name in files if name != "report.md")]
 
 
-def rerender_markdown(report_json: Path) -> Path:
-    """report.md beside an existing report.json, rendered again from it (nothing is decoded or scored)."""
+def rerender(report_json: Path) -> list[Path]:
+    """report.md and the plots beside an existing report.json, rendered again from it (nothing decoded or scored)."""
     report = json.loads(report_json.read_text())
-    path = report_json.with_name("report.md")
-    write_file_atomic(path, render_markdown(report).encode())
-    return path
+    written = []
+    for name, content in render_files(report).items():
+        write_file_atomic(report_json.with_name(name), content)
+        written.append(report_json.with_name(name))
+    return written

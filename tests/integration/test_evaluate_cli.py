@@ -26,6 +26,12 @@ def _save_head(base_dir: Path, out: Path) -> str:
     return base.fingerprint
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base passes each test makes are kept in its own folder, never the user's cache."""
+    monkeypatch.setenv("HEADSERVE_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def head_dir(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("heads") / "math-ba"
@@ -59,7 +65,14 @@ def test_report_files_and_numbers(tiny_base_dir: Path, head_dir: Path, synth_dir
         assert 0 < row["generated_tokens"] <= 4 * 8 and row["n"] == 4
         assert 0.0 <= row["token_f1"] <= 1.0 and row["n_parsed"] <= 4
         assert len(row["samples"]) == 3
+        assert len(row["correct"]) == 4 and row["n_correct"] == row["correct"].count("1")
+        assert 0.0 <= row["within_1pct"] <= 1.0
+    assert report["sweep"] is None and len(report["reference_passes"]) == 1  # one base pass serves every row
     greedy, top_k, head = report["rows"]
+    assert greedy["paired_vs_greedy"] is None
+    assert (top_k["strategy"], top_k["top_k"], top_k["temperature"]) == ("top_k", 50, 1.0)
+    # The fresh head decodes exactly as the base, so it is no better than greedy on any resample.
+    assert head["paired_vs_greedy"] == {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0, "share_better": 0.0, "n": 4}
     # A random base over a ~300-token vocabulary is near uniform: CE close to log(V), not 0 and not huge.
     assert 0.5 * math.log(300) < greedy["cross_entropy"] < 2 * math.log(300)
     assert top_k["cross_entropy"] == greedy["cross_entropy"]  # same base distribution
@@ -99,16 +112,17 @@ def test_evaluate_prints_where_it_wrote_and_how_to_serve_the_heads(tiny_base_dir
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     report = _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "a")
     printed = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'a' / 'report.md'}, {tmp_path / 'a' / 'report.json'} and" in printed
+    assert f"wrote {tmp_path / 'a' / 'report.md'}, {tmp_path / 'a' / 'report.json'}, {tmp_path / 'a' / 'report.png'}" \
+        in printed
     assert f"-m clients register {head_dir} --name math-ba" in printed
     assert "-m clients generate --head math-ba" in printed and report["rows"][2]["samples"][0]["problem"] in printed
 
 
-def test_report_md_shows_every_rows_samples_and_robust_errors(tiny_base_dir: Path, head_dir: Path, synth_dir: Path,
+def test_report_md_shows_every_rows_samples_and_every_error_column(tiny_base_dir: Path, head_dir: Path, synth_dir: Path,
                                                               tmp_path: Path) -> None:
     report = _run(tiny_base_dir, [head_dir], synth_dir, tmp_path / "a")
     markdown = (tmp_path / "a" / "report.md").read_text()
-    assert "| MedAE (n) | log10 err |" in markdown and "| MSE |" not in markdown
+    assert "| MSE | RMSE | MedAE (n) | log10 err | ≤1% |" in markdown and "| Δ vs greedy [95% CI] |" in markdown
     samples = markdown.split("## Sample generations", 1)[1]
     for i, sample in enumerate(report["rows"][0]["samples"]):
         section = samples.split(f"### {i + 1}. ", 1)[1].split("\n### ", 1)[0]

@@ -14,7 +14,10 @@ from training.metrics import (
     mean_token_prf,
     normalize_answer,
     numeric_errors,
+    paired_bootstrap,
     parse_number,
+    share_within,
+    spread,
     token_prf,
 )
 
@@ -123,3 +126,58 @@ def test_mean_token_prf_averages_per_example() -> None:
     assert prf.f1 == pytest.approx((4 / 7 + 1) / 2)
     with pytest.raises(ValueError):
         mean_token_prf([], [])
+
+
+def test_paired_bootstrap_of_identical_rows_is_exactly_zero() -> None:
+    row = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    diff = paired_bootstrap(row, row, seed=3)
+    assert (diff.difference, diff.ci_low, diff.ci_high, diff.share_better, diff.n) == (0.0, 0.0, 0.0, 0.0, 7)
+
+
+def test_paired_bootstrap_of_a_row_right_wherever_the_other_is_wrong_is_one() -> None:
+    a, b = [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]  # a wins on problems 0 and 2, loses on 1 and 3
+    assert paired_bootstrap(a, b).difference == 0.0
+    diff = paired_bootstrap([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], seed=1)
+    assert (diff.difference, diff.ci_low, diff.ci_high, diff.share_better) == (1.0, 1.0, 1.0, 1.0)
+    worse = paired_bootstrap([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    assert (worse.difference, worse.share_better) == (-1.0, 0.0)
+
+
+def test_paired_bootstrap_resamples_problems_jointly_and_is_seeded() -> None:
+    # a beats b on 6 problems and loses on 2 of 40: difference +0.1, and the pairing is what the interval sees.
+    a = [1.0] * 6 + [0.0] * 2 + [1.0] * 12 + [0.0] * 20
+    b = [0.0] * 6 + [1.0] * 2 + [1.0] * 12 + [0.0] * 20
+    diff = paired_bootstrap(a, b, seed=7)
+    assert diff == paired_bootstrap(a, b, seed=7) and diff != paired_bootstrap(a, b, seed=8)
+    assert diff.difference == pytest.approx(0.1)
+    # The percentile interval of the resampled mean differences, drawn exactly so.
+    d = np.asarray(a) - np.asarray(b)
+    means = d[np.random.default_rng(7).integers(0, 40, size=(1000, 40))].mean(axis=1)
+    assert (diff.ci_low, diff.ci_high) == tuple(np.percentile(means, [2.5, 97.5]))
+    assert diff.share_better == float((means > 0).mean())
+    # Normal approximation: P(mean > 0) ~ Phi(0.1 / sqrt(0.19 / 40)) = 0.93, less the resamples that tie at 0.
+    assert 0.8 < diff.share_better < 0.95 and diff.ci_low < 0 < 0.1 < diff.ci_high
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_bootstrap([1.0], [1.0, 0.0])
+    with pytest.raises(ValueError):
+        paired_bootstrap([], [])
+
+
+def test_share_within_one_percent() -> None:
+    # 100 vs 101 is within 1%; 100 vs 102 is not; 0 needs exactly 0; unparsed never counts; text needs a match.
+    predicted = ["101", "102", "0", "0.001", None, "garbage", "-99.5", "yes"]
+    expected = ["100", "100", "0", "0", "5", "5", "-100", "Yes"]
+    assert share_within(predicted, expected) == pytest.approx(4 / 8)
+    assert share_within(["1,000.0"], ["990"], rel=0.01) == 0.0  # |1000 - 990| = 10 > 9.9
+    assert share_within(["1,000.0"], ["990"], rel=0.02) == 1.0
+    with pytest.raises(ValueError):
+        share_within([], [])
+
+
+def test_spread() -> None:
+    s = spread([0.2, 0.5, 0.3, 0.2])
+    assert (s.minimum, s.maximum) == (0.2, 0.5) and s.range == pytest.approx(0.3)
+    assert s.std == pytest.approx(float(np.std([0.2, 0.5, 0.3, 0.2])))
+    assert spread([0.4]).range == 0.0
+    with pytest.raises(ValueError):
+        spread([])
