@@ -73,7 +73,7 @@ smollm2-heads: smollm2
 		--out registry/smollm2-math
 
 # The research table (issue 12): four head kinds per base trained on 2,000 GSM8K problems, evaluated on GSM8K test
-# (500 problems, with the temperature x top-k sweep on 100) and SVAMP (500), for SmolLM2 and the embedded base. Writes
+# (500 problems, with the temperature x top-k sweep on 40) and SVAMP (300), for SmolLM2 and the embedded base. Writes
 # into RESEARCH_OUT (untracked); a killed run resumes. See README "Results" for its wall time on 2 cores.
 RESEARCH_OUT ?= runs/research
 research: smollm2

@@ -79,8 +79,8 @@ class Settings:
     train_limit: int = 2000
     epochs: int = 2
     gsm8k_limit: int = 500
-    svamp_limit: int = 500
-    sweep_limit: int = 100
+    svamp_limit: int = 300
+    sweep_limit: int = 40
     max_new_tokens: int | None = None  # None: the base plan's
     fit_extra: list[str] = field(default_factory=list)
     quick: bool = False
@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--train-limit", type=int, default=2000, help="GSM8K training problems (the first N)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of every head")
     p.add_argument("--gsm8k-limit", type=int, default=500, help="GSM8K test problems (0: all 1,319)")
-    p.add_argument("--svamp-limit", type=int, default=500, help="SVAMP problems (0: all 1,000)")
-    p.add_argument("--sweep-limit", type=int, default=100, help="GSM8K test problems of the temperature/top-k sweep")
+    p.add_argument("--svamp-limit", type=int, default=300, help="SVAMP problems (0: all 1,000)")
+    p.add_argument("--sweep-limit", type=int, default=40, help="GSM8K test problems of the temperature/top-k sweep")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default: per base)")
     p.add_argument("--stage", choices=("all", "fit", "evaluate"), default="all",
                    help="fit: train the heads only; evaluate: only evaluate heads trained before")
