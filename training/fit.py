@@ -1,9 +1,14 @@
 """Train one output head on a frozen base: `python -m training.fit --data data/my-math --task math --out runs/my-math`.
 
 Only the head trains (AdamW over its parameters); the base stays in eval mode without grad. The
-base's final hidden states are cached during the first epoch, so later epochs cost only the
-head. The head folder, loss curve included, is written atomically at the end: Ctrl-C leaves the
-previous head or none, and a head never changes after it became visible.
+base's hidden states at target positions are computed once (training/hidden_cache.py), so every
+epoch costs only the head. The head folder, loss curve included, is written atomically at the end:
+Ctrl-C leaves the previous head or none, and a head never changes after it became visible.
+
+`torchrun --nproc_per_node N -m training.fit ...` trains the same head on N processes
+(training/distributed.py): each runs the base over its own share of the examples, each global batch
+(--batch-size examples, the same ones one process would take) is split by owner, gradients are summed
+with DistributedDataParallel (gloo on CPU, nccl on GPU), and rank 0 alone writes the head.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import io
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -21,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from heads import (
@@ -41,6 +48,7 @@ from heads.errors import BaseModelError
 from heads.prompts import PROMPT_FORMATS, PROMPT_PLACEHOLDER, training_style
 from training import cli
 from training.data import DataError, encode, load_examples
+from training.distributed import ONE_PROCESS, DistributedSetupError, Ranks, from_env
 from training.hidden_cache import DEFAULT_CHUNK_ROWS, TargetStates, chunked_cross_entropy, target_states
 
 log = logging.getLogger("training.fit")
@@ -77,27 +85,87 @@ def build_head(args: argparse.Namespace, base: Base) -> HeadModule:
 
 
 def train_step(head: nn.Module, states: TargetStates, examples: list[int], embeddings: Tensor,
-               optimizer: torch.optim.Optimizer, chunk_rows: int) -> tuple[float, int]:
-    """One optimizer step over these examples' target positions: (mean loss, target tokens)."""
+               optimizer: torch.optim.Optimizer, chunk_rows: int, ranks: Ranks = ONE_PROCESS,
+               batch_targets: int | None = None) -> tuple[float, int]:
+    """One optimizer step over these examples' target positions: (mean loss, target tokens) of the whole batch.
+
+    Under torchrun `head` is the DDP-wrapped head, `examples` this rank's rows of the global batch and
+    `batch_targets` the whole batch's target count: every rank divides its summed loss by it, so the gradients
+    summed over the ranks are one process's gradient, and the clip and the step that follow are the same on all.
+    """
     hidden, targets = states.rows(examples, embeddings.device)
     optimizer.zero_grad(set_to_none=True)
-    total, n = chunked_cross_entropy(head, hidden, targets, embeddings, chunk_rows=chunk_rows, backward=True)
+    n = len(targets) if batch_targets is None else batch_targets
+    if isinstance(head, DistributedDataParallel):
+        total = ranks.sum(backward_on_ranks(head, hidden, targets, embeddings, chunk_rows, n))[0]
+    else:
+        total, _ = chunked_cross_entropy(head, hidden, targets, embeddings, chunk_rows=chunk_rows, backward=True)
     torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
     optimizer.step()
     return total / max(1, n), n
 
 
+def backward_on_ranks(model: DistributedDataParallel, hidden: Tensor, targets: Tensor, embeddings: Tensor,
+                      chunk_rows: int, batch_targets: int) -> float:
+    """This rank's summed loss; its gradients are summed with every other rank's on the way.
+
+    DDP all-reduces in the backward of a forward run outside `no_sync()`, and every rank must run exactly one
+    such backward per step whatever its share of the batch: its last chunk, or an empty forward (a zero
+    gradient that still joins the all-reduce) when it owns none of the batch. Earlier chunks accumulate locally.
+    """
+    last = (len(targets) - 1) // chunk_rows * chunk_rows if len(targets) else 0  # first row of the last chunk
+    total = 0.0
+    if last:
+        with model.no_sync():
+            total, _ = chunked_cross_entropy(model, hidden[:last], targets[:last], embeddings, chunk_rows=chunk_rows,
+                                             backward=True, denominator=batch_targets)
+    if not len(targets):
+        (model(hidden[None], embeddings).sum() * 0.0).backward()  # (1, 0, V): no rows, every parameter in the graph
+        return total
+    tail, _ = chunked_cross_entropy(model, hidden[last:], targets[last:], embeddings, chunk_rows=chunk_rows,
+                                    backward=True, denominator=batch_targets)
+    return total + tail
+
+
 @torch.no_grad()
-def evaluate_loss(head: nn.Module | None, states: TargetStates, embeddings: Tensor, chunk_rows: int) -> float:
-    """Mean cross-entropy over every target of `states`; `head=None` is the base's own LM head."""
-    was_training = head.training if head is not None else False
-    if head is not None:
-        head.eval()
-    hidden, targets = states.rows(range(len(states)), embeddings.device)
-    total, n = chunked_cross_entropy(head, hidden, targets, embeddings, chunk_rows=chunk_rows)
-    if head is not None:
-        head.train(was_training)
-    return total / max(1, n)
+def evaluate_loss(head: nn.Module | None, states: TargetStates | None, embeddings: Tensor, chunk_rows: int,
+                  ranks: Ranks = ONE_PROCESS) -> float:
+    """Mean cross-entropy over every target of `states`; `head=None` is the base's own LM head.
+
+    Under torchrun every rank scores its own held-out shard (`None`: it owns none) and the sums are added up,
+    so every rank must call this at the same point.
+    """
+    total, n = 0.0, 0
+    if states is not None:
+        was_training = head.training if head is not None else False
+        if head is not None:
+            head.eval()
+        hidden, targets = states.rows(range(len(states)), embeddings.device)
+        total, n = chunked_cross_entropy(head, hidden, targets, embeddings, chunk_rows=chunk_rows)
+        if head is not None:
+            head.train(was_training)
+    total, count = ranks.sum(total, n)
+    return total / max(1, count)
+
+
+def pass_record(states: TargetStates, ranks: Ranks) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the hidden-state pass, the processes) as the training block records them.
+
+    The ranks' passes run side by side over disjoint shards: the pass's tokens are all of theirs, its
+    seconds the slowest rank's.
+    """
+    per_rank = ranks.gather(states.stats())
+    hidden_pass = per_rank[0]
+    if len(per_rank) > 1:
+        tokens, seconds = sum(p["pass_tokens"] for p in per_rank), max(p["pass_seconds"] for p in per_rank)
+        hidden_pass = {"examples": sum(p["examples"] for p in per_rank),
+                       "target_tokens": sum(p["target_tokens"] for p in per_rank), "pass_tokens": tokens,
+                       "pass_seconds": seconds, "from_disk": all(p["from_disk"] for p in per_rank),
+                       "pass_tokens_per_s": round(tokens / seconds, 1) if seconds else None}
+    processes = {"world_size": ranks.world, "backend": ranks.backend,
+                 "pass_seconds_per_rank": [p["pass_seconds"] for p in per_rank],
+                 "examples_per_rank": [p["examples"] for p in per_rank]}
+    return hidden_pass, processes
 
 
 def plot_history(history: History, title: str) -> bytes:
@@ -137,7 +205,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="head folder to write (replaced atomically if it exists)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (under torchrun: all "
+                   "processes together, the same batches one process takes)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 backward_attention, "
                    "1e-3 lowrank, 3e-4 linear)")
     p.add_argument("--latent-dim", type=int, default=64, help="latent width L of the vocabulary keys; 0 keeps the "
@@ -149,7 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="add the base's logits (scaled by a learnt alpha) to the head's")
     p.add_argument("--chunk-size", type=int, default=None, help="vocabulary chunk for the scores (bounds memory)")
     p.add_argument("--seed", type=int, default=0, help="initialisation, shuffling and held-out split")
-    p.add_argument("--device", default="cpu", help="torch device for the base and the head")
+    p.add_argument("--device", default="cpu", help="torch device for the base and the head (under "
+                   "torchrun: cuda means each rank's own GPU, cuda:LOCAL_RANK)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: only at the end)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of training rows held out for eval")
     p.add_argument("--limit", type=int, default=None, help="use at most this many training rows")
@@ -175,9 +245,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def fit(args: argparse.Namespace) -> dict[str, Any]:
+def fit(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, Any]:
+    """Train and write the head (rank 0 writes; under torchrun every rank runs this, in step with the others)."""
+    ranks = ranks or Ranks(device=args.device)
     torch.manual_seed(args.seed)
-    base = load_base(args.base or default_base(), device=args.device)
+    base = load_base(args.base or default_base(), device=ranks.device)
     examples, stats = load_examples(args.data, "train", limit=args.limit)
     if stats.skipped:
         log.warning("skipped %d of %d rows: %s", sum(stats.skipped.values()), stats.rows, stats.skipped)
@@ -187,18 +259,26 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     style = training_style(base.tokenizer, args.prompt_format, args.prompt_template)
     train, train_stats = encode(examples[n_val:], base.tokenizer, max_len, style)
     val, _ = encode(examples[:n_val], base.tokenizer, max_len, style)
-    if not train:
-        raise DataError(f"{args.data}: no usable training rows ({stats.rows} read, skipped {stats.skipped})")
+    if len(train) < ranks.world:
+        raise DataError(f"{args.data}: {len(train)} usable training rows for {ranks.world} processes "
+                        f"({stats.rows} read, skipped {stats.skipped})")
     log.info("%d train / %d held-out examples; %d truncated, %d dropped (prompt too long)", len(train), len(val),
              train_stats.truncated, train_stats.dropped)
 
-    train_states = target_states(base, train, use_disk=args.cache_hidden, desc="base pass (train)")
-    val_states = target_states(base, val, use_disk=args.cache_hidden, desc="base pass (held-out)") if val else None
-    hidden_pass = train_states.stats()
+    # Each rank runs the base over the examples it owns only (training/distributed.py says which); a shard is
+    # other data than the whole set, so its states are cached under a key of their own.
+    where = f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
+    train_states = target_states(base, ranks.shard(train), use_disk=args.cache_hidden, desc=f"base pass (train{where})")
+    val_shard = ranks.shard(val)
+    val_states = target_states(base, val_shard, use_disk=args.cache_hidden,
+                               desc=f"base pass (held-out{where})") if val_shard else None
+    hidden_pass, processes = pass_record(train_states, ranks)
     log.info("hidden states: %s", hidden_pass)
+    batch_targets = [len(ids) - prompt_len for ids, prompt_len in train]  # every rank knows every example's count
 
     head = build_head(args, base).to(base.device)
     head.train()
+    model = ranks.wrap(head)  # DDP under torchrun, the head itself otherwise
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = min(args.max_steps or 10**12, steps_per_epoch * args.epochs)
@@ -207,15 +287,17 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     history, step, tokens, train_seconds = History(), 0, 0, 0.0  # seconds of training steps only, no evals
     embeddings = base.embeddings.detach()
     started = time.time()
-    bar = tqdm(total=total_steps, desc=f"fit {args.task} ({args.kind})", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc=f"fit {args.task} ({args.kind})", file=sys.stderr, dynamic_ncols=True,
+               disable=not ranks.main)
     for epoch in range(args.epochs):
-        perm = torch.randperm(len(train), generator=order).tolist()
+        perm = torch.randperm(len(train), generator=order).tolist()  # the same on every rank: one seed
         for start in range(0, len(perm), args.batch_size):
             if step >= total_steps:
                 break
             step_start = time.perf_counter()
-            loss, n = train_step(head, train_states, perm[start: start + args.batch_size], embeddings, optimizer,
-                                 args.chunk_rows)
+            batch = perm[start: start + args.batch_size]  # the global batch; this rank trains on the rows it owns
+            loss, n = train_step(model, train_states, ranks.local(batch), embeddings, optimizer, args.chunk_rows,
+                                 ranks, sum(batch_targets[i] for i in batch))
             schedule.step()
             step, tokens = step + 1, tokens + n
             history.steps.append(step)
@@ -223,14 +305,14 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
             train_seconds += time.perf_counter() - step_start
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(1e-9, train_seconds):.0f}", epoch=epoch)
             bar.update()
-            if val_states is not None and args.eval_every and step % args.eval_every == 0:
+            if val and args.eval_every and step % args.eval_every == 0:
                 history.eval_steps.append(step)
-                history.eval_loss.append(evaluate_loss(head, val_states, embeddings, args.chunk_rows))
+                history.eval_loss.append(evaluate_loss(head, val_states, embeddings, args.chunk_rows, ranks))
     bar.close()
     head.eval()
-    val_loss = evaluate_loss(head, val_states, embeddings, args.chunk_rows) if val_states is not None else None
+    val_loss = evaluate_loss(head, val_states, embeddings, args.chunk_rows, ranks) if val else None
     # The base's own LM head on the same held-out rows: what the head's loss is worth (lower is better than it).
-    base_val_loss = evaluate_loss(None, val_states, embeddings, args.chunk_rows) if val_states is not None else None
+    base_val_loss = evaluate_loss(None, val_states, embeddings, args.chunk_rows, ranks) if val else None
     if val_loss is not None and (not history.eval_steps or history.eval_steps[-1] != step):
         history.eval_steps.append(step)
         history.eval_loss.append(val_loss)
@@ -242,7 +324,7 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in head.parameters()),
         "target_tokens": tokens, "wall_time_s": round(time.time() - started, 2),
         "tokens_per_s": round(tokens / max(1e-9, train_seconds), 1),
-        "hidden_pass": hidden_pass,
+        "hidden_pass": hidden_pass, "processes": processes,
         "final_metrics": {
             "train_loss": round(history.train_loss[-1], 4),
             "held_out_loss": round(val_loss, 4) if val_loss is not None else None,
@@ -251,10 +333,13 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     # The curve is written with the head, in the same atomic swap: the folder never changes once visible,
-    # and its `bytes` (every file in it) are final from the first listing.
-    curve = plot_history(history, f"{args.task} ({args.kind})")
-    save_head(head, args.out, base.info(), task=args.task, prompt_template=style.template, prompt_format=style.format,
-              training=training, extra_files={LOSS_CURVE_NAME: curve})
+    # and its `bytes` (every file in it) are final from the first listing. Every rank holds the same head;
+    # one writes it, and the others wait until it is written.
+    if ranks.main:
+        curve = plot_history(history, f"{args.task} ({args.kind})")
+        save_head(head, args.out, base.info(), task=args.task, prompt_template=style.template,
+                  prompt_format=style.format, training=training, extra_files={LOSS_CURVE_NAME: curve})
+    ranks.barrier()
     return training
 
 
@@ -269,9 +354,11 @@ def summary(args: argparse.Namespace, training: dict[str, Any]) -> str:
         f"{hp['pass_tokens']:,} tokens in {hp['pass_seconds']:.0f} s ({hp['pass_tokens_per_s']:,.0f} tok/s)"
     speed = f"base pass {base_pass}; head {training['tokens_per_s']:,.0f} target tokens/s"
     name = args.out.resolve().name
+    world, backend = training["processes"]["world_size"], training["processes"]["backend"]
+    processes = f" on {world} processes ({backend})" if world > 1 else ""
     return "\n".join([
         f"wrote {args.out}: {args.kind} head for {args.task!r}, {training['steps']} steps in "
-        f"{training['wall_time_s']:.0f} s, {held_out}",
+        f"{training['wall_time_s']:.0f} s{processes}, {held_out}",
         f"  loss curve: {args.out / LOSS_CURVE_NAME}",
         f"  speed: {speed}",
         cli.next_steps([
@@ -282,20 +369,27 @@ def summary(args: argparse.Namespace, training: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # torchrun mixes every rank's output
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {rank}%(message)s")
     args = parse_args(argv)
-    if (args.out / CONFIG_NAME).exists():
+    if (args.out / CONFIG_NAME).exists() and os.environ.get("RANK", "0") == "0":
         log.warning("%s holds a head already: it is replaced when training ends (a server reading it swaps too)",
                     args.out)
+    ranks = ONE_PROCESS
     try:
-        training = fit(args)
+        ranks = from_env(args.device)  # joins torchrun's process group when torchrun started this process
+        training = fit(args, ranks)
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} was not written (any previous head there is unchanged)", file=sys.stderr)
         raise SystemExit(130) from None
-    except (BaseModelError, DataError, HeadError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (BaseModelError, DataError, DistributedSetupError, HeadError, OSError, ValueError) as e:
+        # A rank that fails exits nonzero, and torchrun then stops the others.
+        print(f"error: {rank}{e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(summary(args, training))
+    finally:
+        ranks.close()
+    if ranks.main:
+        print(summary(args, training))
 
 
 if __name__ == "__main__":

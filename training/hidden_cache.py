@@ -172,12 +172,14 @@ def _load(folder: Path, n_embd: int) -> TargetStates | None:
 
 def chunked_cross_entropy(head: torch.nn.Module | None, hidden: Tensor, targets: Tensor, embeddings: Tensor, *,
                           chunk_rows: int = DEFAULT_CHUNK_ROWS, backward: bool = False,
-                          temperature: float = 1.0) -> tuple[float, int]:
+                          temperature: float = 1.0, denominator: float | None = None) -> tuple[float, int]:
     """(summed NLL in nats, rows) of `targets` under the head's logits, `chunk_rows` rows at a time.
 
     Memory is chunk_rows x V whatever the number of rows: with `backward=True` each chunk's share of the
     mean loss is back-propagated at once (gradients accumulate in the head's parameters), so no chunk's
-    (rows, V) logits outlive it. `head=None` scores the base's own LM head (tied embeddings).
+    (rows, V) logits outlive it. `head=None` scores the base's own LM head (tied embeddings). `denominator`
+    (default: these rows) is what the mean divides by: one rank of a multi-process fit holds only its share of
+    a batch's rows, and divides by the whole batch's count (training/fit.py).
     """
     total, n = 0.0, hidden.shape[0]
     for start in range(0, n, chunk_rows):
@@ -187,6 +189,6 @@ def chunked_cross_entropy(head: torch.nn.Module | None, hidden: Tensor, targets:
             logits = logits / temperature
         loss = F.cross_entropy(logits.float(), t, reduction="sum")
         if backward:
-            (loss / n).backward()
+            (loss / (denominator or n)).backward()
         total += float(loss.detach())
     return total, n
