@@ -14,7 +14,7 @@ looked at (SmolLM2's from the held-out loss of its first head in issue 11: 3e-3 
 
 Each step runs as its own process, so one failing step names itself and frees its memory. A step
 whose output exists is skipped (a killed run resumes where it stopped; delete a folder to redo it).
-What every step cost goes to `timings.json`, and `summary.md` gathers the tables of all reports.
+What every step cost goes to `<base>/timings.json`, and `summary.md` gathers the tables of all reports.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from heads.base import EMBEDDED_BASE, REPO_ROOT
+from heads.folders import write_file_atomic
 from training import cli
 
 log = logging.getLogger("training.research")
@@ -132,7 +133,7 @@ class Steps:
             raise RuntimeError(f"step {name} failed (exit {result.returncode}): {cli.command(module, *args)}")
         self.timings[name] = {"seconds": round(time.perf_counter() - started, 1), "command": " ".join(command[1:])}
         self.out.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.timings, indent=2) + "\n")
+        write_file_atomic(self.path, (json.dumps(self.timings, indent=2) + "\n").encode())
 
 
 def _relative(path: Path) -> str:
@@ -145,17 +146,18 @@ def run(settings: Settings) -> Path:
     for name in ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "svamp/test.jsonl"):
         if not (data / name).is_file():
             raise FileNotFoundError(f"{data / name}: missing (see ../shared/data/README.md)")
-    steps = Steps(settings.out)
+    timings: dict[str, Any] = {}
     for key in settings.bases:
         plan = PLANS[key]
         root = settings.out / key
+        steps = Steps(root)  # one file per base, so two bases can run side by side
         heads = []
         for head in plan.heads:
             folder = root / "heads" / head.name
             heads.append(_relative(folder))
             if settings.stage == "evaluate":
                 continue
-            steps.run(f"{key}/fit/{head.name}", folder / "head_config.json", "training.fit", [
+            steps.run(f"fit/{head.name}", folder / "head_config.json", "training.fit", [
                 "--base", plan.base, "--data", _relative(data / "gsm8k" / "train.jsonl"), "--task", "math",
                 "--limit", str(settings.train_limit), "--epochs", str(settings.epochs), "--eval-every", "20",
                 "--seed", "0", *plan.fit_args, *head.args, *settings.fit_extra, "--out", _relative(folder)])
@@ -165,11 +167,15 @@ def run(settings: Settings) -> Path:
         for dataset, limit, sweep in (("gsm8k", settings.gsm8k_limit, True), ("svamp", settings.svamp_limit, False)):
             report = root / dataset
             extra = ["--sweep", "--sweep-limit", str(settings.sweep_limit)] if sweep else []
-            steps.run(f"{key}/evaluate/{dataset}", report / "report.json", "training.evaluate", [
+            steps.run(f"evaluate/{dataset}", report / "report.json", "training.evaluate", [
                 "--base", plan.base, "--heads", *heads, "--data", _relative(data / dataset), "--split", "test",
                 "--limit", str(limit), "--max-new-tokens", max_new, "--seed", "0", *extra, "--out", _relative(report)])
+    for key in PLANS:  # every base's costs so far, also those of a base run separately
+        path = settings.out / key / "timings.json"
+        if path.is_file():
+            timings.update({f"{key}/{name}": t for name, t in json.loads(path.read_text()).items()})
     summary = settings.out / "summary.md"
-    summary.write_text(render_summary(settings, steps.timings))
+    write_file_atomic(summary, render_summary(settings, timings).encode())
     return summary
 
 
@@ -179,7 +185,7 @@ def render_summary(settings: Settings, timings: dict[str, Any]) -> str:
 
     parts = ["# Research table v2\n", f"Written by `{cli.command('training.research', '--out', settings.out)}`"
              + (" --quick" if settings.quick else "") + ".\n"]
-    for key in settings.bases:
+    for key in PLANS:
         for dataset in ("gsm8k", "svamp"):
             path = settings.out / key / dataset / "report.json"
             if not path.is_file():

@@ -44,7 +44,7 @@ def test_quick_research_trains_every_kind_and_reports_both_data_sets(data_root: 
     sweep = json.loads((base / "gsm8k" / "report.json").read_text())["sweep"]
     assert sweep is not None
     assert {row["name"] for row in sweep["rows"]} == {"base", "ba-logits", "ba-probs", "linear", "lowrank"}
-    timings = json.loads((out / "timings.json").read_text())
+    timings = json.loads((base / "timings.json").read_text())
     assert len(timings) == 4 + 2 and all(t["seconds"] > 0 for t in timings.values())
     summary = (out / "summary.md").read_text()
     assert "## embedded, gsm8k (6 problems)" in summary and "ba-probs" in summary
@@ -53,7 +53,7 @@ def test_quick_research_trains_every_kind_and_reports_both_data_sets(data_root: 
     # A second run finds every step done and redoes none; a deleted report is made again, alone.
     shutil.rmtree(base / "svamp")
     research.main(["--out", str(out), "--quick", "--data-root", str(data_root)])
-    assert json.loads((out / "timings.json").read_text()).keys() == timings.keys()
+    assert json.loads((base / "timings.json").read_text()).keys() == timings.keys()
     assert (base / "svamp" / "report.json").is_file()
 
 
