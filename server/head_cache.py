@@ -137,15 +137,21 @@ class HeadCache:
 
     def _load(self, entry: HeadEntry) -> LoadedHead:
         name, start = entry.name, time.perf_counter()
-        for _ in range(3):
+        for _ in range(5):
             try:
+                # Stamps right before and after the read: equal, the config and the weights read are one version's
+                # (`stamp`, maybe newer than `entry`'s); else the head was replaced meanwhile, here or by another
+                # server sharing the folder, and the two files may be of two versions: read again.
+                stamp = self.registry.stamp(name)
                 module, meta = load_head(self.registry.path(name), fingerprint=self.base.fingerprint,
                                          vocab_size=self.base.vocab_size, n_embd=self.base.n_embd)
+                if self.registry.stamp(name) != stamp:
+                    continue
                 with self._load_lock:
                     ready = self._serving_form(module)
-                    if self._probed.get(name) != entry.stamp:
+                    if self._probed.get(name) != stamp:
                         self.probe.check(ready)
-                        self._probed[name] = entry.stamp
+                        self._probed[name] = stamp
                 break
             except (HeadError, FileNotFoundError) as e:  # broken, for another base, or computing nonsense
                 current = self.registry.inspect(name)  # HeadNotFoundError (404) if it was deleted meanwhile
@@ -166,7 +172,7 @@ class HeadCache:
         self.metrics.head_load_seconds.observe(seconds)
         self.metrics.head_loads_total.labels(head=name).inc()
         log.info("loaded head %r (%s) in %.3fs", name, meta.head_type, seconds)
-        return LoadedHead(name=name, module=ready, meta=meta, stamp=entry.stamp)
+        return LoadedHead(name=name, module=ready, meta=meta, stamp=stamp)
 
     def _serving_form(self, module: HeadModule) -> ServingHead:
         module.to(self.base.device)  # heads keep their float32 weights; decode casts hidden states to them

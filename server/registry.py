@@ -123,9 +123,11 @@ class Registry:
         log.warning("registry folder %r is not listed as a head: %s", folder, why)
 
     def inspect(self, name: str) -> HeadEntry:
-        """The head's entry, checked once per version of its files; HeadNotFoundError if there is none."""
+        """The head's entry, checked once per version of its files; HeadNotFoundError if there is none,
+        HeadUnavailableError (409) in the unlikely case that it was replaced during every one of several reads."""
         folder = self.path(name)
-        for _ in range(3):  # a replace or delete between two reads: look again
+        changing = False
+        for _ in range(10):  # a replace or delete between two reads (by any process sharing the folder): look again
             try:
                 stamp = self._stamp(folder)
                 with self._lock:
@@ -133,7 +135,12 @@ class Registry:
                 if cached is not None and cached.stamp == stamp:
                     return cached
                 entry = self._check(name, folder, stamp)
+                # Read between two equal stamps, or the config, sizes and weights' stamp may be of two versions.
+                changing = self._stamp(folder) != stamp
+                if changing:
+                    continue
             except FileNotFoundError:
+                changing = False
                 continue
             with self._lock:
                 cached = self._entries.get(name)
@@ -145,9 +152,15 @@ class Registry:
             elif entry.error is not None:
                 log.warning("head %r is listed as invalid: %s", name, entry.error)
             return entry
+        if changing:
+            raise HeadUnavailableError(f"head {name!r} is being replaced too often to read; try again")
         with self._lock:
             self._entries.pop(name, None)
         raise HeadNotFoundError(f"no head named {name!r}")
+
+    def stamp(self, name: str) -> HeadStamp:
+        """The stamp of the head's files as they are now; FileNotFoundError if it has none."""
+        return self._stamp(self.path(name))
 
     def _stamp(self, folder: Path) -> HeadStamp:
         config = _stamp_of(folder / CONFIG_NAME)  # FileNotFoundError: no head here

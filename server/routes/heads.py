@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from server.errors import HeadNotFoundError, InvalidRequestError, UploadTooLargeError
+from server.errors import HeadNotFoundError, HeadUnavailableError, InvalidRequestError, UploadTooLargeError
 from server.metrics import UNKNOWN_LABEL
 from server.registry import HeadEntry, check_name
 from server.schemas import HEAD_NAME_PATTERN, HeadList, HeadSummary
@@ -92,7 +92,7 @@ def list_heads(request: Request, registry: RegistryDep) -> HeadList:
     for name in registry.names():
         try:
             heads.append(summarize(registry.inspect(name), resident, registry.served_fingerprint))
-        except HeadNotFoundError:  # deleted while we listed
+        except (HeadNotFoundError, HeadUnavailableError):  # deleted while we listed, or replaced through every read
             continue
     return HeadList(heads=heads)
 

@@ -44,7 +44,9 @@ from server.streaming import JobDone, JobFailed, JobStream, TokenEvent, results_
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 BASE_MODEL_ID = BASE_LABEL
-STARTED = int(time.time())  # the base model's `created`: when this server came up
+# `created` of the base, and of a head whose config has no usable `created_at`: no time of this process (such as when it
+# started), so that every replica serving one registry answers GET /v1/models alike.
+CREATED_UNKNOWN = 0
 
 
 @router.get("/models", response_model=ModelList)
@@ -207,7 +209,7 @@ def no_such_model(model: str) -> HeadNotFoundError:
 
 
 def _base_model(runtime: Runtime) -> Model:
-    return Model(id=BASE_MODEL_ID, created=STARTED, root=runtime.base.name)
+    return Model(id=BASE_MODEL_ID, created=CREATED_UNKNOWN, root=runtime.base.name)
 
 
 def _head_model(name: str, runtime: Runtime, registry: Registry) -> Model:
@@ -215,5 +217,5 @@ def _head_model(name: str, runtime: Runtime, registry: Registry) -> Model:
     try:
         created = int(datetime.fromisoformat(meta.created_at).timestamp())
     except (TypeError, ValueError):
-        created = STARTED
+        created = CREATED_UNKNOWN
     return Model(id=name, created=created, parent=runtime.base.name, root=runtime.base.name)
