@@ -6,7 +6,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 
 from heads.base import Base
 from server.engine import Engine
@@ -44,9 +44,15 @@ def get_metrics(request: Request) -> Metrics:
 
 def get_runtime(request: Request) -> Runtime:
     """The loaded model and engine, or 503 while the base is still loading (or failed to)."""
-    runtime: Runtime | None = request.app.state.runtime
+    return ready_runtime(request.app)
+
+
+def ready_runtime(app: FastAPI) -> Runtime:
+    """The one readiness rule, shared by /readyz, every route that needs the model and Ray Serve's health check
+    (server.ray_app): the runtime once the base is loaded, else NotReadyError saying why."""
+    runtime: Runtime | None = app.state.runtime
     if runtime is None:
-        error = request.app.state.load_error
+        error = app.state.load_error
         raise NotReadyError(f"the base model failed to load: {error}" if error else "the base model is still loading")
     return runtime
 
