@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import heads.folders as folders
-from heads.folders import recover, retire, staged, swap_in, write_file_atomic
+from heads.folders import recover, retire, staged, write_file_atomic
+from tests.unit.folder_versions import read_at, version_of, write_version
 
 FOLDERS_PY = Path(folders.__file__)
 
@@ -25,27 +26,6 @@ def make_version(root: Path, name: str, version: str) -> Path:
     (out / "a").write_text(version)
     (out / "b").write_text(version)
     return out
-
-
-def write_version(dst: Path, version: str, *, replace: bool = True) -> None:
-    with staged(dst, "upload") as tmp:
-        (tmp / "a").write_text(version)
-        (tmp / "b").write_text(version)
-        swap_in(tmp, dst, replace=replace)
-
-
-def version_of(folder: Path) -> str:
-    a, b = (folder / "a").read_text(), (folder / "b").read_text()
-    assert a == b, f"half-written: {a!r} != {b!r}"
-    return a
-
-
-def read_at(folder_fd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
-    try:
-        return os.read(fd, 64)
-    finally:
-        os.close(fd)
 
 
 def hidden(root: Path) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 
 import heads.folders as folders
 from heads.folders import LOCK_FILE, mount_type, recover, retire, staged, swap_in
+from tests.unit.folder_versions import read_at, version_of, write_version
 
 MOUNTINFO = "\n".join([
     "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw",
@@ -37,27 +38,6 @@ def test_the_mount_holding_a_path_is_the_longest_mount_point_above_it(path: str,
 @pytest.fixture
 def shared(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(folders, "shared_mount", lambda root: True)
-
-
-def write_version(dst: Path, version: str, *, replace: bool = True) -> None:
-    with staged(dst, "upload") as tmp:
-        (tmp / "a").write_text(version)
-        (tmp / "b").write_text(version)
-        swap_in(tmp, dst, replace=replace)
-
-
-def version_of(folder: Path) -> str:
-    a, b = (folder / "a").read_text(), (folder / "b").read_text()
-    assert a == b, f"half-written: {a!r} != {b!r}"
-    return a
-
-
-def read_at(folder_fd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
-    try:
-        return os.read(fd, 64)
-    finally:
-        os.close(fd)
 
 
 def lock_is_free(root: Path) -> bool:

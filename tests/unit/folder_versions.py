@@ -1,0 +1,32 @@
+"""Two-file folders whose files must always agree: what the atomic-folder tests write and read back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from heads.folders import staged, swap_in
+
+
+def write_version(dst: Path, version: str, *, replace: bool = True) -> None:
+    """Stage a folder holding `version` twice and swap it in, as a head upload does."""
+    with staged(dst, "upload") as tmp:
+        (tmp / "a").write_text(version)
+        (tmp / "b").write_text(version)
+        swap_in(tmp, dst, replace=replace)
+
+
+def version_of(folder: Path) -> str:
+    """The version a folder holds; fails if its two files disagree (a half-written head would)."""
+    a, b = (folder / "a").read_text(), (folder / "b").read_text()
+    assert a == b, f"half-written: {a!r} != {b!r}"
+    return a
+
+
+def read_at(folder_fd: int, name: str) -> bytes:
+    """A file's first bytes through an open folder descriptor (what a reader that opened the folder sees)."""
+    fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
+    try:
+        return os.read(fd, 64)
+    finally:
+        os.close(fd)
