@@ -33,6 +33,9 @@ class HeadModule(nn.Module, ABC):
     """
 
     head_type: ClassVar[str]  # the registered kind; register_head sets it
+    # Whether the head gives next-token logits (`prepare` + `decode`), so it can generate text; a classifier's
+    # label logits cannot, and whoever generates checks this instead of asking for a kind by name.
+    generative: ClassVar[bool] = True
     config: HeadConfig  # the kind's own config dataclass
     vocab_size: int  # V of the base the head was built for
     n_embd: int  # D of the base the head was built for
@@ -66,6 +69,11 @@ class HeadType:
     config_cls: type[Any]
     module_cls: type[HeadModule]
 
+    @property
+    def generative(self) -> bool:
+        """Whether heads of this kind decode text (known from the kind alone: from a head's metadata)."""
+        return self.module_cls.generative
+
 
 _HEAD_TYPES: dict[str, HeadType] = {}
 
@@ -85,5 +93,6 @@ def get_head_type(name: str) -> HeadType:
         raise UnknownHeadTypeError(f"unknown head_type {name!r}; known types: {known}") from None
 
 
-def head_type_names() -> list[str]:
-    return sorted(_HEAD_TYPES)
+def head_type_names(generative: bool | None = None) -> list[str]:
+    """The registered kinds; only those that generate text (True) or only those that do not (False)."""
+    return sorted(name for name, kind in _HEAD_TYPES.items() if generative is None or kind.generative == generative)

@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from heads.classifier import check_verbalizer
 from heads.errors import BaseMismatchError, HeadError, HeadFormatError
 from heads.folders import staged, swap_in, sync_dir
 from heads.prompts import DEFAULT_PROMPT_TEMPLATE, PROMPT_FORMATS, PROMPT_PLACEHOLDER, PromptFormat, PromptStyle
@@ -39,6 +40,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CONFIG_BYTES = 1024 * 1024  # head_config.json holds a config and a training summary: kilobytes
 MAX_JSON_DEPTH = 16  # ours nest 3 deep (training.final_metrics); deeper JSON only costs stack to parse and echo
 MAX_WEIGHTS_HEADER_BYTES = 64 * 1024  # a safetensors header: names, dtypes, shapes and offsets of a few tensors
+VERBALIZER_FIELDS = ("labels", "label_token_ids")
 _JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)  # strings (skipped whole) and brackets
 
 
@@ -58,9 +60,18 @@ class HeadMetadata:
     training: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = FORMAT_VERSION
+    # A verbalizer (heads.classifier): a generative head trained to answer with label words records the label
+    # names and the first token of each word; it classifies by its logits on those tokens. Both or neither.
+    labels: list[str] | None = None
+    label_token_ids: list[int] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        """The config file; the verbalizer fields only when set, so other heads' files read as before."""
+        data = dataclasses.asdict(self)
+        for name in VERBALIZER_FIELDS:
+            if data[name] is None:
+                del data[name]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @property
     def prompt_style(self) -> PromptStyle:
@@ -86,22 +97,24 @@ def config_from_dict(config_cls: type[Any], data: Mapping[str, Any], source: str
 
 def save_head(head: HeadModule, out_dir: str | os.PathLike[str], base_info: Mapping[str, Any] | None = None, *,
               task: str = "", prompt_template: str = DEFAULT_PROMPT_TEMPLATE, prompt_format: PromptFormat = "plain",
-              training: Mapping[str, Any] | None = None,
-              extra_files: Mapping[str, bytes] | None = None) -> HeadMetadata:
+              training: Mapping[str, Any] | None = None, extra_files: Mapping[str, bytes] | None = None,
+              labels: list[str] | None = None, label_token_ids: list[int] | None = None) -> HeadMetadata:
     """Write the head folder atomically: a crash leaves the previous folder or none, never half a head.
 
     `base_info` carries `base_model_name_or_path` and `base_fingerprint` of the base the head
     was trained on. The safetensors bytes depend only on the weights (no timestamps), so the
     same training run reproduces the same file. `extra_files` (name -> bytes, e.g. a training run's
     loss curve) go into the same folder before the swap, so the head never changes once visible.
+    `labels` and `label_token_ids` make a generative head a verbalizer (ValueError where a load would refuse them).
     """
+    check_verbalizer_of(head.head_type, labels, label_token_ids, head.vocab_size)
     out = Path(out_dir)
     base_info = dict(base_info or {})
     meta = HeadMetadata(
         head_type=head.head_type, config=dataclasses.asdict(head.config), vocab_size=head.vocab_size,
         n_embd=head.n_embd, task=task, base_model_name_or_path=base_info.get("base_model_name_or_path"),
         base_fingerprint=base_info.get("base_fingerprint"), prompt_template=prompt_template,
-        prompt_format=prompt_format, training=dict(training or {}),
+        prompt_format=prompt_format, training=dict(training or {}), labels=labels, label_token_ids=label_token_ids,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in head.state_dict().items()}
     with staged(out, "tmp") as tmp:
@@ -195,7 +208,20 @@ def parse_metadata(config_bytes: bytes, source: str = CONFIG_NAME) -> HeadMetada
                               f"got {raw['prompt_format']!r}")
     meta = HeadMetadata(**raw)
     head_parameters(meta, source)  # the config is an object, valid for its kind, within its bounds
+    try:
+        check_verbalizer_of(meta.head_type, meta.labels, meta.label_token_ids, meta.vocab_size)
+    except ValueError as e:
+        raise HeadFormatError(f"{source}: {e}") from None
     return meta
+
+
+def check_verbalizer_of(head_type: str, labels: object, label_token_ids: object, vocab_size: int) -> None:
+    """ValueError unless the verbalizer fields are absent, or valid (heads.classifier.check_verbalizer) on a head
+    that decodes tokens: a classifier's labels are in its own config."""
+    check_verbalizer(labels, label_token_ids, vocab_size)
+    if labels is not None and not get_head_type(head_type).generative:
+        raise ValueError(f"labels and label_token_ids are for generative heads; a {head_type!r} head names its "
+                         "labels in its config")
 
 
 def check_json_depth(data: bytes, source: str = CONFIG_NAME) -> None:

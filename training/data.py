@@ -109,7 +109,8 @@ def _read_hub(dataset_id: str, split: str) -> Iterator[Any]:
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def _rows(source: str, split: str) -> Iterator[Any]:
+def read_rows(source: str, split: str) -> Iterator[Any]:
+    """The raw rows of a split: math examples here, text/label rows for training.classify_data."""
     path = Path(source)
     if path.is_dir():
         for suffix, reader in ((".jsonl", _read_jsonl), (".parquet", _read_parquet)):
@@ -131,7 +132,7 @@ def _rows(source: str, split: str) -> Iterator[Any]:
 def load_examples(source: str, split: str = "train", limit: int | None = None) -> tuple[list[Example], LoadStats]:
     stats = LoadStats()
     examples: list[Example] = []
-    for row in _rows(str(source), split):
+    for row in read_rows(str(source), split):
         if limit is not None and len(examples) >= limit:
             break
         stats.rows += 1

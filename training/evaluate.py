@@ -9,7 +9,8 @@ answers with robust companions, token overlap with the reference, decoding speed
 generations. `--sweep` also decodes the base and every head over a grid of temperatures and top-k values
 (`training.sweep`): does a head make decoding less sensitive to them? Writes report.json, report.md and the
 PNG plots into --out, and prints the markdown table. `--from-json reports/x/report.json` renders report.md and
-the plots again from the JSON alone.
+the plots again from the JSON alone. Classifier and verbalizer heads (or `--task classify`) are evaluated on
+labelled texts instead: training/evaluate_classifier.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from heads.base import Base, default_base, load_base
 from heads.base_sources import base_names_help
 from heads.errors import BaseModelError
 from heads.prompts import PromptStyle, training_style
-from training import cli
+from training import cli, evaluate_classifier
 from training.data import DataError, Example, encode, extract_answer, format_target, load_examples
 from training.decoding import Generation, generate
 from training.hidden_cache import TargetStates, target_states
@@ -96,8 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "named after the folder); none: base rows only")
     parser.add_argument("--data", help="JSONL/Parquet file, folder with {split}.jsonl, or hub id (required)")
     parser.add_argument("--out", type=Path, help="folder for report.json, report.md and the plots (required)")
-    parser.add_argument("--split", default="test", help="which split of --data to evaluate on")
-    parser.add_argument("--limit", type=int, default=200, help="examples to evaluate, the first of the split (0: all)")
+    parser.add_argument("--split", default=None, help="which split of --data to evaluate on (default: test; "
+                        "classification: dev)")
+    parser.add_argument("--limit", type=int, default=None, help="examples to evaluate, the first of the split (0: all; "
+                        "default: 200, classification: all)")
     parser.add_argument("--top-k", type=int, default=50, help="k of the base's top-k row (sampled at temperature 1)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per example")
@@ -114,7 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-ks", type=int, nargs="+", default=list(TOP_KS), help="sweep top-k values (1: greedy)")
     parser.add_argument("--from-json", type=Path, metavar="REPORT_JSON",
                         help="only render report.md and the plots again beside this report.json (no decoding)")
-    args = parser.parse_args(argv)
+    evaluate_classifier.add_arguments(parser)
+    args = evaluate_classifier.resolve(parser.parse_args(argv), parser)
     if args.from_json is None and (args.data is None or args.out is None):
         parser.error("--data and --out are required (unless --from-json)")
     for name in ("top_k", "max_new_tokens", "batch_size"):
@@ -142,6 +146,8 @@ def load_models(head_dirs: list[Path], base: Base) -> list[Model]:
                                    n_embd=base.n_embd)
         except HeadError as e:
             raise HeadError(str(e) if str(head_dir) in str(e) else f"{head_dir}: {e}") from None
+        if not head.generative:  # label logits only: scored by training/evaluate_classifier.py
+            raise HeadError(f"{head_dir}: a {meta.head_type} head cannot generate; evaluate it with --task classify")
         head = head.to(base.device)
         head.eval()
         models.append(Model(name, head, meta.head_type, meta.prompt_style))
@@ -319,6 +325,8 @@ def summary(args: argparse.Namespace, report: dict[str, Any], written: list[Path
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.task == "classify":  # classifier and verbalizer heads: training/evaluate_classifier.py
+        return evaluate_classifier.main(args)
     try:
         if args.from_json is not None:
             written = rerender(args.from_json)

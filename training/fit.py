@@ -46,7 +46,7 @@ from heads.base import Base, default_base, load_base
 from heads.base_sources import base_names_help
 from heads.errors import BaseModelError
 from heads.prompts import PROMPT_FORMATS, PROMPT_PLACEHOLDER, training_style
-from training import cli
+from training import classify_data, cli, fit_classifier
 from training.data import DataError, encode, load_examples
 from training.distributed import ONE_PROCESS, DistributedSetupError, Ranks, from_env
 from training.hidden_cache import DEFAULT_CHUNK_ROWS, TargetStates, chunked_cross_entropy, target_states
@@ -64,7 +64,7 @@ class History:
     eval_loss: list[float] = field(default_factory=list)
 
 
-KINDS = ("backward_attention", "linear", "lowrank")
+KINDS = ("backward_attention", "linear", "lowrank", "classifier")
 
 
 def backward_attention_config(args: argparse.Namespace) -> BackwardAttentionConfig:
@@ -195,15 +195,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="JSONL/Parquet file, folder with train.jsonl, or HF dataset id")
     p.add_argument("--task", required=True, help="what the head is for, recorded in head_config.json")
     p.add_argument("--kind", choices=KINDS, default="backward_attention",
-                   help="head kind: the backward-attention head, a trainable copy of the LM head, or the LM head "
-                   "plus a trained low-rank correction")
+                   help="head kind: the backward-attention head, a trainable copy of the LM head, the LM head plus a "
+                   "trained low-rank correction, or a classifier of text/label rows (training/fit_classifier.py)")
     p.add_argument("--rank", type=int, default=None, help="rank of a lowrank head (default: the rank that matches "
                    "the backward-attention head's parameter count)")
     p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True,
                    help="lowrank: the correction's left factor is the embeddings (E B A h), as the backward-attention "
                    "head's is; --no-tied trains a free (V, r) factor")
     p.add_argument("--out", type=Path, required=True, help="head folder to write (replaced atomically if it exists)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the rows (default: 3; classifier: 20)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step (under torchrun: all "
                    "processes together, the same batches one process takes)")
@@ -235,7 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "fit on the same data and base skips it")
     p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="target tokens per cross-entropy "
                    "chunk: memory is chunk-rows x vocabulary floats, whatever the batch")
-    args = p.parse_args(argv)
+    fit_classifier.add_arguments(p)
+    args = fit_classifier.resolve(p.parse_args(argv), p)
     if args.lr is None:
         args.lr = {"linear": 3e-4, "lowrank": 1e-3}.get(args.kind, 3e-3)
     if args.epochs < 1 or args.batch_size < 1 or not 0 <= args.val_fraction < 1:
@@ -250,15 +251,16 @@ def fit(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, Any]:
     ranks = ranks or Ranks(device=args.device)
     torch.manual_seed(args.seed)
     base = load_base(args.base or default_base(), device=ranks.device)
-    examples, stats = load_examples(args.data, "train", limit=args.limit)
+    words = classify_data.verbalizer(args.label_words, args.labels)  # text/label rows, label words as targets
+    examples, stats = (words.load if words else load_examples)(args.data, "train", limit=args.limit)
     if stats.skipped:
         log.warning("skipped %d of %d rows: %s", sum(stats.skipped.values()), stats.rows, stats.skipped)
     random.Random(args.seed).shuffle(examples)
     n_val = int(len(examples) * args.val_fraction)
     max_len = min(args.max_len or base.n_positions, base.n_positions)
     style = training_style(base.tokenizer, args.prompt_format, args.prompt_template)
-    train, train_stats = encode(examples[n_val:], base.tokenizer, max_len, style)
-    val, _ = encode(examples[:n_val], base.tokenizer, max_len, style)
+    train, train_stats = (words.encode if words else encode)(examples[n_val:], base.tokenizer, max_len, style)
+    val, _ = (words.encode if words else encode)(examples[:n_val], base.tokenizer, max_len, style)
     if len(train) < ranks.world:
         raise DataError(f"{args.data}: {len(train)} usable training rows for {ranks.world} processes "
                         f"({stats.rows} read, skipped {stats.skipped})")
@@ -338,7 +340,8 @@ def fit(args: argparse.Namespace, ranks: Ranks | None = None) -> dict[str, Any]:
     if ranks.main:
         curve = plot_history(history, f"{args.task} ({args.kind})")
         save_head(head, args.out, base.info(), task=args.task, prompt_template=style.template,
-                  prompt_format=style.format, training=training, extra_files={LOSS_CURVE_NAME: curve})
+                  prompt_format=style.format, training=training, extra_files={LOSS_CURVE_NAME: curve},
+                  **(words.metadata(base.tokenizer, style) if words else {}))
     ranks.barrier()
     return training
 
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     ranks = ONE_PROCESS
     try:
         ranks = from_env(args.device)  # joins torchrun's process group when torchrun started this process
-        training = fit(args, ranks)
+        training = (fit_classifier.fit if args.kind == "classifier" else fit)(args, ranks)
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} was not written (any previous head there is unchanged)", file=sys.stderr)
         raise SystemExit(130) from None
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         ranks.close()
     if ranks.main:
-        print(summary(args, training))
+        print((fit_classifier.summary if args.kind == "classifier" else summary)(args, training))
 
 
 if __name__ == "__main__":

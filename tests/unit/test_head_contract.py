@@ -1,4 +1,6 @@
-"""Every registered head kind keeps the one contract (`heads.HeadModule`) that training and serving rely on."""
+"""Every registered head kind keeps the one contract (`heads.HeadModule`) that training and serving rely on: the
+generative kinds decode what `forward` gives; a kind that does not generate (the classifier) says so and refuses
+to decode (its own contract is in tests/unit/test_classifier_head.py)."""
 
 from __future__ import annotations
 
@@ -23,16 +25,29 @@ def _prepared(kind: str) -> tuple[HeadModule, Tensor]:
 
 
 def test_the_known_kinds_are_registered() -> None:
-    assert {"backward_attention", "linear", "lowrank"} <= set(head_type_names())
+    assert {"backward_attention", "linear", "lowrank"} <= set(head_type_names(generative=True))
+    assert head_type_names(generative=False) == ["classifier"]
+    assert sorted(head_type_names(generative=True) + head_type_names(generative=False)) == head_type_names()
 
 
-@pytest.mark.parametrize("kind", head_type_names())
+@pytest.mark.parametrize("kind", head_type_names(generative=True))
 def test_kind_is_a_head_module_named_as_registered(kind: str) -> None:
     head, _ = _prepared(kind)
     assert isinstance(head, HeadModule) and type(head).head_type == kind
+    assert type(head).generative and get_head_type(kind).generative
 
 
-@pytest.mark.parametrize("kind", head_type_names())
+@pytest.mark.parametrize("kind", head_type_names(generative=False))
+def test_a_kind_that_does_not_generate_refuses_to_decode(kind: str) -> None:
+    spec = get_head_type(kind)
+    assert not spec.generative and spec.module_cls.head_type == kind
+    head = spec.module_cls(spec.config_cls(labels=["no", "yes"]), vocab_size=V, n_embd=D)
+    for call in (lambda: head.prepare(torch.randn(V, D)), lambda: head.decode(torch.randn(2, D))):
+        with pytest.raises(TypeError, match=kind):
+            call()
+
+
+@pytest.mark.parametrize("kind", head_type_names(generative=True))
 def test_decode_equals_forward_with_or_without_the_base_logits(kind: str) -> None:
     """The server passes the base's logits exactly when `accepts_base_logits` says so; either way the
     logits are forward()'s, so a head never depends on which path the server took."""

@@ -17,9 +17,10 @@ MAINS: dict[str, Callable[[list[str]], object]] = {
 }
 # Options whose default each --help must show (one per CLI at least, and the ones users ask about).
 DEFAULTS = {
-    "training.fit": ["--epochs EPOCHS       passes over the training rows (default: 3)",
+    "training.fit": ["--epochs EPOCHS       passes over the rows (default: 3; classifier: 20)",
                      "(default: 16)", "(default: backward_attention)", "(default: 64)", "(default: logits)"],
-    "training.evaluate": ["(default: 200)", "(default: 128)", "(default: test)", "(default: 50)"],
+    "training.evaluate": ["(0: all; default: 200, classification: all)", "(default: 128)",
+                          "(default: test; classification: dev)", "(default: 50)"],
     "training.synth": ["(default: 2000)", "(default: 200)"],
     "training.pretrain": ["(default: 2500)", "(default: 120000)"],
 }
