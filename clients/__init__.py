@@ -24,11 +24,21 @@ from clients.errors import (
     ServerError,
     UnauthorizedError,
 )
-from clients.types import Comparison, GenerateResult, HeadSummary, Readiness, StreamToken, Timings, TokenLogprob
+from clients.types import (
+    Classification,
+    ClassifyResult,
+    Comparison,
+    GenerateResult,
+    HeadSummary,
+    Readiness,
+    StreamToken,
+    Timings,
+    TokenLogprob,
+)
 
 __all__ = [
-    "DEFAULT_URL", "AsyncHeadserveClient", "Comparison", "ConflictError", "ForbiddenError", "GenerateResult",
-    "HeadNotFoundError", "HeadSummary", "HeadserveClient", "HeadserveConnectionError", "HeadserveError",
-    "InvalidRequestError", "NotReadyError", "PayloadTooLargeError", "QueueFullError", "Readiness", "ServerError",
-    "StreamToken", "Timings", "TokenLogprob", "UnauthorizedError",
+    "DEFAULT_URL", "AsyncHeadserveClient", "Classification", "ClassifyResult", "Comparison", "ConflictError",
+    "ForbiddenError", "GenerateResult", "HeadNotFoundError", "HeadSummary", "HeadserveClient",
+    "HeadserveConnectionError", "HeadserveError", "InvalidRequestError", "NotReadyError", "PayloadTooLargeError",
+    "QueueFullError", "Readiness", "ServerError", "StreamToken", "Timings", "TokenLogprob", "UnauthorizedError",
 ]

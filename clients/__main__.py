@@ -1,7 +1,9 @@
-"""`python -m clients`: generate, register, list and delete heads on a headserve server.
+"""`python -m clients`: generate, classify, register, list and delete heads on a headserve server.
 
     python -m clients generate --head math --compare --stop $'\n' \
         "Hana gets 4 bags with 32 apples each, uses 33 of them, then gets 10 more. How many apples does Hana have?"
+    python -m clients classify --head sentiment-sst "A gorgeous, witty, seductive movie."
+    python -m clients classify --label-word " positive" --label-word " negative" $'Review: Dull.\nSentiment:'
     python -m clients register registry/math --name math2 --replace
     python -m clients heads
     python -m clients delete math2
@@ -25,7 +27,7 @@ from typing import Any
 
 from clients.client import DEFAULT_URL, HeadserveClient
 from clients.errors import HeadserveError
-from clients.types import GenerateResult, HeadSummary
+from clients.types import ClassifyResult, GenerateResult, HeadSummary
 
 
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -63,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt verbatim, without the head's template")
     gen.add_argument("--json", action="store_true", help="print the full response as JSON")
     gen.add_argument("--stream", action="store_true", help="print the answer token by token as it is generated")
+
+    cls = commands.add_parser("classify", help="label probabilities of one or more texts")
+    cls.add_argument("texts", nargs="+", metavar="text", help="a text; the head's prompt_template wraps it")
+    cls.add_argument("--head", help="a classifier head, or a generative head (default: the base's LM head; both "
+                     "need --label-word unless the head records its labels)")
+    cls.add_argument("--label-word", action="append", dest="label_words", help="score this word's first token "
+                     "(repeatable, at least two; include the leading space a plain prompt's next word has)")
+    cls.add_argument("--json", action="store_true", help="print the full response as JSON")
 
     reg = commands.add_parser("register", help="upload a head folder (head_config.json + head.safetensors)")
     reg.add_argument("dir")
@@ -105,6 +115,18 @@ def format_comparison(result: GenerateResult, width: int) -> str:
     return f"prompt: {result.prompt!r}\n\n{_side_by_side(columns, width)}\n\n{timings}"
 
 
+def format_classification(result: ClassifyResult, texts: Sequence[str], bar_width: int = 30) -> str:
+    """Per text: its top label and probability, then a bar per label in label order."""
+    width = max(len(label) for label in result.labels)
+    blocks = []
+    for sent, text in zip(texts, result.results, strict=True):
+        lines = [f"{sent!r} -> {text.label} ({text.probability:.3f})"]
+        for label, p in text.probabilities.items():
+            lines.append(f"  {label.ljust(width)}  {p:.3f}  {'#' * round(p * bar_width)}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def format_heads(heads: Sequence[HeadSummary]) -> str:
     if not heads:
         return "no heads"
@@ -136,6 +158,11 @@ def run(args: argparse.Namespace, client: HeadserveClient) -> None:
             print(format_comparison(result, shutil.get_terminal_size().columns))
         else:
             print(result.text)
+    elif args.command == "classify":
+        texts = args.texts[0] if len(args.texts) == 1 else args.texts
+        classified = client.classify(texts, args.head, label_words=args.label_words)
+        print(json.dumps(dataclasses.asdict(classified), indent=2) if args.json
+              else format_classification(classified, args.texts))
     elif args.command == "register":
         summary = client.register_head(args.dir, args.name, replace=args.replace)
         print(f"registered {summary.name} ({summary.type}, task {summary.task or '-'}, {summary.bytes} bytes)")

@@ -18,7 +18,7 @@ import httpx
 
 from clients.errors import HeadserveConnectionError, HeadserveError, error_for
 from clients.streaming import event_from_line
-from clients.types import GenerateResult, HeadSummary, Readiness, StreamToken
+from clients.types import ClassifyResult, GenerateResult, HeadSummary, Readiness, StreamToken
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Generation can take a while on a CPU; connecting should not.
@@ -108,6 +108,17 @@ def _generate_body(prompt: str, head: str | None = None, *, max_new_tokens: int 
     if ignore_eos:
         body["ignore_eos"] = True
     return body
+
+
+def _classify_call(text: str | Sequence[str], head: str | None,
+                   label_words: Sequence[str] | None) -> _Call[ClassifyResult]:
+    """`POST /classify`: one text (a str) or several (any other sequence of str), in one request."""
+    body: dict[str, Any] = {"text": text} if isinstance(text, str) else {"texts": list(text)}
+    if head is not None:
+        body["head"] = head
+    if label_words is not None:
+        body["label_words"] = list(label_words)
+    return _Call("POST", "/classify", lambda r: ClassifyResult.from_json(r.json()), json=body)
 
 
 def _head_path(name: str) -> str:
@@ -244,6 +255,12 @@ class HeadserveClient(_ClientBase):
         except httpx.TransportError as e:
             raise self._transport_error(e) from e
 
+    def classify(self, text: str | Sequence[str], head: str | None = None, *,
+                 label_words: Sequence[str] | None = None) -> ClassifyResult:
+        """Label probabilities of one text (a str) or several (a list), with a classifier head, or with a
+        generative head (or the base: `head` None) scored on `label_words`' first tokens."""
+        return self._send(_classify_call(text, head, label_words))
+
     def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                       replace: bool = False) -> HeadSummary:
         """Upload a head folder under `name` (default: the folder's name); `replace` overwrites an existing one."""
@@ -323,6 +340,10 @@ class AsyncHeadserveClient(_ClientBase):
                         yield event
         except httpx.TransportError as e:
             raise self._transport_error(e) from e
+
+    async def classify(self, text: str | Sequence[str], head: str | None = None, *,
+                       label_words: Sequence[str] | None = None) -> ClassifyResult:
+        return await self._send(_classify_call(text, head, label_words))
 
     async def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                             replace: bool = False) -> HeadSummary:

@@ -110,10 +110,12 @@ class HeadSummary:
     error: str | None = None
     served_base_fingerprint: str | None = None  # set when incompatible: the base the server serves
     prompt_format: str = "plain"  # "chat": the server renders the filled template with the base's chat template
+    generative: bool | None = None  # False: a classifier head (classify only); None: unknown (invalid, older server)
+    labels: list[str] | None = None  # what classify() labels without label words (a classifier's or verbalizer's)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HeadSummary:
-        error = data.get("error")
+        error, labels, generative = data.get("error"), data.get("labels"), data.get("generative")
         return cls(
             name=str(data["name"]), type=str(data.get("type") or ""), task=str(data.get("task") or ""),
             bytes=int(data.get("bytes") or 0), resident=bool(data.get("resident", False)),
@@ -123,7 +125,9 @@ class HeadSummary:
             config=dict(data.get("config") or {}), training=dict(data.get("training") or {}),
             status=str(data.get("status") or "ready"), error=None if error is None else str(error),
             served_base_fingerprint=data.get("served_base_fingerprint"),
-            prompt_format=str(data.get("prompt_format") or "plain"))
+            prompt_format=str(data.get("prompt_format") or "plain"),
+            generative=None if generative is None else bool(generative),
+            labels=None if labels is None else [str(label) for label in labels])
 
 
 @dataclass(frozen=True)
@@ -139,3 +143,43 @@ class Readiness:
         return cls(status=str(data.get("status", "")), base=str(data.get("base", "")),
                    base_fingerprint=str(data.get("base_fingerprint", "")), device=str(data.get("device", "")),
                    chat_template=bool(data.get("chat_template", False)))
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One text's labels: the most probable one, and every label's probability in label order."""
+
+    label: str  # the most probable label
+    probability: float  # its probability
+    probabilities: dict[str, float]  # label -> probability, in the head's label order (not sorted)
+    prompt: str  # the text as the base read it, formatted with the head's prompt template
+    prompt_tokens: int
+    queue_s: float  # accepted -> the engine step that scored it began
+    total_s: float  # accepted -> scored
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Classification:
+        timings = data.get("timings") or {}
+        return cls(label=str(data["label"]), probability=float(data["probability"]),
+                   probabilities={str(p["label"]): float(p["probability"]) for p in data["probabilities"]},
+                   prompt=str(data.get("prompt", "")), prompt_tokens=int(data.get("prompt_tokens", 0)),
+                   queue_s=float(timings.get("queue_s", 0.0)), total_s=float(timings.get("total_s", 0.0)))
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """`POST /classify`'s answer: one Classification per text, in the order sent."""
+
+    head: str | None  # None: the base's own LM head (scored on label words)
+    method: str  # "classifier" (a classifier head) | "verbalizer" (next-token logits on label tokens)
+    labels: list[str]  # the label order of every result's probabilities
+    results: list[Classification]
+    label_token_ids: list[int] | None = None  # verbalizer: the token scored for each label
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClassifyResult:
+        ids = data.get("label_token_ids")
+        return cls(head=data.get("head"), method=str(data.get("method", "")),
+                   labels=[str(label) for label in data.get("labels", [])],
+                   results=[Classification.from_json(r) for r in data["results"]],
+                   label_token_ids=None if ids is None else [int(i) for i in ids])

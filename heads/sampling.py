@@ -1,5 +1,9 @@
 """Logits -> next token: greedy, top-k and nucleus (top-p) sampling with temperature.
 
+`SamplingParams` also names beam search ("beam", with `num_beams`, `length_penalty` and `early_stopping`)
+so that one settings object travels with every request; beam search is not a per-row draw, though: the
+server's engine runs it over a job's beams (server/beams.py), and `sample` refuses it.
+
 Pure torch and free of any model, so the server's decode loop and the training/evaluation code
 draw tokens the same way. Every function takes (B, V) logits and returns per-row results; a
 caller that wants per-sequence reproducibility passes each sequence's own `torch.Generator`.
@@ -12,6 +16,7 @@ and a row with a non-finite value raises `NonFiniteLogitsError` instead of reach
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -27,7 +32,9 @@ class FinishReason(str, Enum):
     eos = "eos"  # the model produced its end-of-sequence token
     stop = "stop"  # a stop string appeared; it is trimmed from the text
 
-STRATEGIES = ("greedy", "top_k", "top_p")
+STRATEGIES = ("greedy", "top_k", "top_p")  # per-row draws: what `sample` does
+BEAM = "beam"  # beam search over a job's beams (server/beams.py); not a per-row draw
+EARLY_STOPPING = (False, True, "never")  # transformers' `early_stopping` values, with the same meaning
 # Below this temperature sampling is greedy: the distribution is one-hot to float32 precision anyway, and
 # ordinary logits divided by, say, 1e-38 overflow to inf.
 TEMPERATURE_FLOOR = 1e-5
@@ -47,16 +54,30 @@ class SamplingParams:
     top_k: int = 50  # candidates kept by "top_k"
     top_p: float = 0.9  # probability mass kept by "top_p"
     temperature: float = 1.0  # logits are divided by it before sampling; greedy ignores it; tiny is greedy
+    num_beams: int = 1  # beams kept by "beam"
+    length_penalty: float = 1.0  # "beam": a finished hypothesis scores sum(logprobs) / length ** length_penalty
+    early_stopping: bool | str = False  # "beam": when the search may stop (transformers' meaning)
 
     @property
     def is_greedy(self) -> bool:
-        """Greedy by strategy, or by a temperature below TEMPERATURE_FLOOR (the limit of sampling as T -> 0)."""
-        return self.strategy == "greedy" or self.temperature < TEMPERATURE_FLOOR
+        """Greedy by strategy, or by a temperature below TEMPERATURE_FLOOR (the limit of sampling as T -> 0).
+        Beam search is never greedy: it ignores the temperature, as transformers' does without sampling."""
+        return self.strategy == "greedy" or (self.strategy != BEAM and self.temperature < TEMPERATURE_FLOOR)
+
+    @property
+    def is_beam(self) -> bool:
+        return self.strategy == BEAM
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field, before any tensor work."""
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy not in (*STRATEGIES, BEAM):
+            raise ValueError(f"strategy must be one of {(*STRATEGIES, BEAM)}, got {self.strategy!r}")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be finite, got {self.length_penalty!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be one of {EARLY_STOPPING}, got {self.early_stopping!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -116,6 +137,8 @@ def sample(logits: Tensor, params: SamplingParams,
     logits (before top-k/top-p truncation), so it stays comparable across strategies and rows;
     it is always <= 0. Rows with a non-finite value raise NonFiniteLogitsError naming them.
     """
+    if params.is_beam:
+        raise ValueError("beam search is not a per-row draw; the engine runs it over a job's beams (server/beams.py)")
     scaled = scaled_logits(logits, params)  # (B, V)
     bad = non_finite_rows(scaled)  # before anything draws
     if bad:

@@ -32,7 +32,7 @@ from server.limits import BodyLimitMiddleware, prompt_char_limit
 from server.metrics import Metrics
 from server.openai_schemas import openai_error_body
 from server.registry import Registry
-from server.routes import chat, generate, heads, health, openai, web
+from server.routes import chat, classify, generate, heads, health, openai, web
 from server.settings import Settings, get_settings
 from server.state import Runtime
 
@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(NoChatTemplateError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for router in (generate.router, heads.router, health.router, openai.router, chat.router, web.router):
+    for router in (generate.router, classify.router, heads.router, health.router, openai.router, chat.router,
+                   web.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     return app

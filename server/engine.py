@@ -6,9 +6,11 @@ finished result, and every step's new tokens for a streaming request). Each engi
 the base (its ragged runner's `step`, runtime.runners) over all active sequences: the prompts of newly
 admitted jobs and one token for every sequence already decoding. The step's final hidden states are split by head
 and each head's `decode` runs once for its group; then every sequence draws its own token with
-its own generator, so its output does not depend on its neighbours. Sequences join between
+its own generator, so its output does not depend on its neighbours (a beam-search job's beams, one
+sequence each, choose their tokens together: server/beams.py). Sequences join between
 steps (admission) and leave as soon as they finish (their cache slot is reused), like LoRAX or
-vLLM serving many adapters over one base.
+vLLM serving many adapters over one base. A classification (server/classify.py) is a prompt with no sequence:
+it holds no slot, and is scored and settled in the step that admits it.
 
 Admission is strictly first-come, first-served: a job waits only while the batch has no room
 for it (MAX_BATCH_SIZE sequences, MAX_BATCH_TOKENS tokens per step), and no later arrival ever
@@ -39,10 +41,13 @@ from heads.base import Base
 from heads.sampling import SamplingParams, make_generator
 from runtime.batch_decode import new_token_budget
 from runtime.runners import Prefill, runner_for
-from server.errors import GenerationFailedError, HeadOutputError, NotReadyError, QueueFullError
+from server.beams import advance_beams, answer_of, job_width, open_beams
+from server.classify import Classifications, ClassifyJob, ClassifyResult, prefill_for
+from server.errors import GenerationFailedError, NotReadyError, QueueFullError
+from server.job_metrics import count_failure, record_result
 from server.metrics import Metrics
 from server.next_tokens import draw_tokens
-from server.schemas import BASE_LABEL, COMPARE_ALL
+from server.schemas import BASE_LABEL, COMPARE_ALL, MAX_BEAMS
 from server.sequence import GenerationJob, JobResult, Pending, Running, Sequence, Settle
 from server.torch_threads import pin_threads
 
@@ -59,14 +64,15 @@ class Engine:
         self.max_queue, self.max_batch_size, self.max_batch_tokens = max_queue, max_batch_size, max_batch_tokens
         self.eos_id: int | None = base.tokenizer.eos_token_id
         self.model = runner_for(base.model)  # by config.model_type: GPT-2 or Llama family
-        # A job brings up to 1 + len(COMPARE_ALL) sequences, and one job always fits an empty batch.
-        self.cache = self.model.new_cache(max(max_batch_size, 1 + len(COMPARE_ALL)))
+        # A job brings up to MAX_BEAMS + len(COMPARE_ALL) sequences, and one job always fits an empty batch.
+        self.cache = self.model.new_cache(max(max_batch_size, MAX_BEAMS + len(COMPARE_ALL)))
         self._waiting: collections.deque[Pending] = collections.deque()
         self._cond = threading.Condition()  # guards _waiting and _stopping; wakes the idle worker
         self._stopping = False
         self._active: list[Sequence] = []  # active[i] lives in cache slot i (worker thread only)
         self._owner: dict[int, Running] = {}  # id(sequence) -> its job
         self._admitting: list[Running] = []  # taken from the queue but not yet in _active/_owner (worker only)
+        self.classify = Classifications(base)  # the step's classifications: prefills that decode nothing
         self._thread = threading.Thread(target=self._work, name="headserve-engine", daemon=True)
         self.threads = torch.get_num_threads()  # read before head loads set theirs to 1; pinned by the worker
 
@@ -109,10 +115,10 @@ class Engine:
         errors: list[BaseException] = []
 
         def settler(index: int) -> Settle:
-            def settle(result: JobResult | None, error: BaseException | None) -> None:
+            def settle(result: JobResult | ClassifyResult | None, error: BaseException | None) -> None:
                 if error is not None:
                     errors.append(error)
-                elif result is not None:
+                elif isinstance(result, JobResult):
                     results[index] = result
             return settle
 
@@ -169,7 +175,7 @@ class Engine:
                     self.metrics.abandoned_requests.inc()
                     continue
                 job = pending.job
-                need = 1 + len(job.compare)
+                need = 0 if isinstance(job, ClassifyJob) else job_width(job)  # answer (or beams) and comparisons
                 alone = not self._active and not admitted
                 fits = need <= slot_budget and len(job.prompt_ids) <= token_budget
                 if not (fits or (alone and need <= free_slots)):
@@ -191,6 +197,8 @@ class Engine:
     def _open(self, pending: Pending) -> Running:
         """The sequences of a job: the answer with its head, then the comparison decodes with the base's (each
         recording the job's `top_logprobs` alternatives, which /generate streams for every decoder)."""
+        if isinstance(pending.job, ClassifyJob):  # no sequence: it is scored in the step that admits it
+            return Running(pending, [], started_at=time.perf_counter())
         job = pending.job
         max_new = new_token_budget(self.base.n_positions, len(job.prompt_ids), job.max_new_tokens)
         sequences = [Sequence(decoder=job.params.strategy, head_label=job.head_label, head=job.head,
@@ -203,7 +211,7 @@ class Engine:
                                       params=params, generator=self._generator(params, job.seed),
                                       max_new_tokens=max_new, stop=job.stop, ignore_eos=job.ignore_eos,
                                       end_ids=job.end_ids, top_logprobs=job.top_logprobs))
-        return Running(pending, sequences, started_at=time.perf_counter())
+        return open_beams(Running(pending, sequences, started_at=time.perf_counter()), self.eos_id)
 
     def _generator(self, params: SamplingParams, seed: int) -> torch.Generator | None:
         return None if params.is_greedy else make_generator(seed, self.base.device)
@@ -217,14 +225,16 @@ class Engine:
         prefills, slot = [], len(decoding)
         for running in admitted:
             slots = list(range(slot, slot + len(running.sequences)))
-            prefills.append(Prefill(running.pending.job.prompt_ids, slots))
+            prefills.append(prefill_for(running.pending.job, slots))
             slot += len(slots)
             for seq in running.sequences:
                 self._owner[id(seq)] = running
         # From here on the newcomers are part of the batch: whatever fails settles them with the others.
         batch = self._active = decoding + [seq for running in admitted for seq in running.sequences]
+        self.classify.begin(admitted, prefills)
         self._admitting = []
         hidden = self._forward(decoding, admitted, prefills)  # (len(batch), D)
+        self.classify.settle(self.metrics)
         self._next_tokens(hidden, batch)
         self._report_progress(batch)
         self._retire_finished()
@@ -251,12 +261,13 @@ class Engine:
         """One base forward: (len(decoding) + every prefill's slots, D), a prefill's row repeated per slot."""
         self.cache.ensure(max([s.cached + 1 for s in decoding] + [len(p.token_ids) for p in prefills]))
         hidden = self.model.step(self.cache, [s.token_ids[-1] for s in decoding], [s.cached for s in decoding],
-                                 prefills)  # (n_decode + n_prefill, D)
+                                 prefills)  # (n_decode + n_prefill + n_mean, D)
+        self.classify.collect(hidden, len(decoding), prefills)
         rows = list(range(len(decoding)))
         for i, prefill in enumerate(prefills):
             rows += [len(decoding) + i] * len(prefill.slots)
         if len(rows) != hidden.shape[0]:  # a prefill shared by comparison decodes feeds each of them
-            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
         return hidden
 
     def _recover(self, decoding: list[Sequence], admitted: list[Running], prefills: list[Prefill],
@@ -290,8 +301,10 @@ class Engine:
                 groups.setdefault(id(seq.head), []).append(row)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_heads.observe(len(groups))
-        draw_tokens(self.base, hidden, batch, list(groups.values()), time.perf_counter(), self._alive,
-                    self._fail_sequence)
+        beam_logits = draw_tokens(self.base, hidden, batch, list(groups.values()), time.perf_counter(), self._alive,
+                                  self._fail_sequence)
+        advance_beams(beam_logits, batch, lambda seq: self._owner[id(seq)], self.cache, self.base.tokenizer,
+                      self._fail, time.perf_counter())
 
     def _alive(self, seq: Sequence) -> bool:
         return self._owner[id(seq)].error is None
@@ -360,20 +373,17 @@ class Engine:
             self._count_failure(running, running.error)
             running.pending.answer(None, running.error)
             return
-        main, *comparisons = running.sequences
+        main, comparisons = answer_of(running)
         result = JobResult(main=main, comparisons=comparisons, accepted_at=running.pending.job.accepted_at,
                            started_at=running.started_at, finished_at=time.perf_counter(),
                            prompt_tokens=len(running.pending.job.prompt_ids))
-        try:
-            self._record(result)
-        except Exception:  # metrics are not worth a request
-            log.exception("recording a finished request's metrics failed")
+        record_result(self.metrics, result)
         running.pending.answer(result, None)
 
     def _fail_active(self, error: BaseException) -> None:
         """Settle every job in the batch, and any taken from the queue but not yet in it, with `error`."""
         failed: dict[int, Running] = {}
-        for running in [*self._owner.values(), *self._admitting]:
+        for running in [*self._owner.values(), *self._admitting, *self.classify.take()]:
             failed.setdefault(id(running), running)
         self._active, self._owner, self._admitting = [], {}, []
         self.cache.release()
@@ -383,20 +393,5 @@ class Engine:
             running.pending.answer(None, running.error or error)
 
     def _count_failure(self, running: Running, error: BaseException) -> None:
-        reason = ("head_output" if isinstance(error, HeadOutputError) else
-                  "decoding" if isinstance(error, GenerationFailedError) else "forward")
-        try:
-            self.metrics.failed_requests.labels(head=running.pending.job.head_label, reason=reason).inc()
-        except Exception:  # metrics are not worth a request
-            log.exception("counting a failed request failed")
-
-    def _record(self, result: JobResult) -> None:
-        main, label = result.main, result.main.head_label
-        self.metrics.queue_wait.labels(head=label).observe(result.started_at - result.accepted_at)
-        if main.token_times:
-            self.metrics.time_to_first_token.labels(head=label).observe(main.token_times[0] - result.accepted_at)
-        for earlier, later in zip(main.token_times, main.token_times[1:], strict=False):
-            self.metrics.inter_token_latency.labels(head=label).observe(later - earlier)
-        for seq in [main, *result.comparisons]:
-            self.metrics.generated_tokens.labels(head=seq.head_label, decoder=seq.decoder).inc(len(seq.token_ids))
+        count_failure(self.metrics, running.pending.job.head_label, error)
 

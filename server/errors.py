@@ -22,6 +22,11 @@ class InvalidHeadNameError(InvalidRequestError):
     """A head name outside `[a-z0-9][a-z0-9._-]{0,63}` (this also rules out path traversal)."""
 
 
+class HeadKindError(InvalidRequestError):
+    """The head's kind cannot do what the request asks: a classifier head generates no text (422, naming the
+    kind and what the head is for)."""
+
+
 class HeadNotFoundError(ServerError):
     """No head of that name in the registry."""
 

@@ -176,6 +176,8 @@ class HeadCache:
 
     def _serving_form(self, module: HeadModule) -> ServingHead:
         module.to(self.base.device)  # heads keep their float32 weights; decode casts hidden states to them
+        if not module.generative:
+            return module  # a classifier: its label logits need nothing prepared (and it cannot decode)
         if factorable(module) and self.materialize_after != 1:
             if self._norms is None:
                 self._norms = SharedNorms(self.base.embeddings)

@@ -4,7 +4,8 @@ before it serves, and a head whose logits are non-finite or absurd is refused.
 A head's files can be well formed, finite and the right shape and still be unusable: weights of 1e18
 give logits that overflow once sampled, and one such row used to fail a whole batch. The probe runs
 the head through the same calls as the engine (in the form the cache serves it) on the base's final
-hidden states for a few short prompts, computed once per base with the base's own logits on them.
+hidden states for a few short prompts, computed once per base with the base's own logits on them. A head that
+does not generate (a classifier) is probed the same way on its label logits, and never asked to decode.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from heads import HeadFormatError
 from heads.base import Base
+from heads.classifier import ClassifierHead
 from heads.factored import FactoredHead
 from runtime.head_logits import Head
 
@@ -62,10 +64,13 @@ class HeadProbe:
     def logits(self, head: Head) -> Tensor:
         """(N, V) float32 logits of the head on the probe states, through the calls the engine makes
         (runtime/head_logits.py): a factored head's projection goes through the base's LM head and is
-        combined; any other head decodes, given the base's logits when it says it uses them."""
+        combined; any other head decodes, given the base's logits when it says it uses them. A classifier gives
+        (N, C) label logits, classifying each probe state as the engine classifies a pooled prompt."""
         with torch.no_grad():
             if head is None:
                 return self.base_logits
+            if isinstance(head, ClassifierHead):
+                return head.classify(self.hidden).float()  # (N, C)
             z = self.base_logits if head.accepts_base_logits else None
             if isinstance(head, FactoredHead):
                 projected = self.base.linear_logits(head.project(self.hidden).to(self.hidden.dtype))
@@ -78,9 +83,10 @@ class HeadProbe:
             logits = self.logits(head)
         except Exception as e:  # a head that raises on ordinary states cannot serve
             raise HeadOutputError(f"the head failed on the base's probe states ({type(e).__name__})") from None
-        if tuple(logits.shape) != (self.hidden.shape[0], self.base.vocab_size):
+        width = len(head.labels) if isinstance(head, ClassifierHead) else self.base.vocab_size
+        if tuple(logits.shape) != (self.hidden.shape[0], width):
             raise HeadOutputError(f"the head's logits on the base's probe states have shape {tuple(logits.shape)}, "
-                                  f"expected {(self.hidden.shape[0], self.base.vocab_size)}")
+                                  f"expected {(self.hidden.shape[0], width)}")
         if not bool(torch.isfinite(logits).all()):
             raise HeadOutputError("the head's logits on the base's probe states are not finite (NaN or Inf)")
         peak = float(logits.abs().max())

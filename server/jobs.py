@@ -26,8 +26,9 @@ from heads.prompts import (
     end_ids,
     render_chat,
 )
+from heads.registry import get_head_type
 from heads.sampling import SamplingParams
-from server.errors import InvalidRequestError
+from server.errors import HeadKindError, InvalidRequestError
 from server.registry import Registry
 from server.schemas import BASE_LABEL
 from server.sequence import GenerationJob
@@ -61,6 +62,16 @@ def prompt_style(head: str | None, registry: Registry, runtime: Runtime) -> Prom
     return registry.metadata(head).prompt_style if head is not None else base_style(runtime.base.tokenizer)
 
 
+def check_generative(head: str | None, registry: Registry) -> None:
+    """Refuse (422, naming the kind) to generate with a head that gives label probabilities, not text."""
+    if head is None:
+        return
+    kind = registry.metadata(head).head_type
+    if not get_head_type(kind).generative:
+        raise HeadKindError(f"head {head!r} is a {kind} head: it gives label probabilities, not text, so it cannot "
+                            "generate; classify with it (POST /classify)")
+
+
 def check_prompt_chars(length: int, runtime: Runtime) -> None:
     """Refuse a prompt of more characters than could fit the token limit, before tokenising it."""
     if length > runtime.prompt_char_limit:
@@ -87,6 +98,7 @@ def format_prompt(prompt: str | tuple[ChatMessage, ...], style: PromptStyle, hea
 async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -> tuple[GenerationJob, str]:
     """The job and the prompt text it decodes from (formatted, or the token ids decoded)."""
     style = prompt_style(request.head, registry, runtime)
+    check_generative(request.head, registry)
     tokenizer = runtime.base.tokenizer
     ends: tuple[int, ...] = ()
     if not isinstance(request.prompt, list):

@@ -57,12 +57,17 @@ class Metrics:
         self.failed_requests = Counter("headserve_failed_requests_total",
                                        "Requests the engine ended with an error, by why (FAILURE_REASONS)",
                                        ["head", "reason"], registry=r)
+        self.classifications = Counter("headserve_classifications_total", "Texts classified (POST /classify)",
+                                       ["head"], registry=r)
+        self.classify_latency = Histogram("headserve_classify_seconds", "Text accepted -> its label probabilities",
+                                          ["head"], buckets=LATENCY_BUCKETS, registry=r)
         self._per_head = [(self.failed_requests, ("head", "reason")),
                           (self.request_duration, ("route", "head", "status")),
                           (self.requests_total, ("route", "head", "status")),
                           (self.time_to_first_token, ("head",)), (self.inter_token_latency, ("head",)),
                           (self.queue_wait, ("head",)), (self.generated_tokens, ("head", "decoder")),
-                          (self.head_loads_total, ("head",))]
+                          (self.head_loads_total, ("head",)), (self.classifications, ("head",)),
+                          (self.classify_latency, ("head",))]
 
     def observe_request(self, route: str, head: str, status: int, seconds: float) -> None:
         self.request_duration.labels(route=route, head=head, status=str(status)).observe(seconds)

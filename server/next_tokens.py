@@ -30,11 +30,13 @@ Fail = Callable[[Sequence, Exception], None]  # ends the sequence's job with the
 
 
 def draw_tokens(base: Base, hidden: Tensor, batch: list[Sequence], groups: list[list[int]], now: float,
-                alive: Callable[[Sequence], bool], fail: Fail) -> None:
+                alive: Callable[[Sequence], bool], fail: Fail) -> dict[int, Tensor]:
     """Append one token to every sequence in `groups` (rows of `batch` and `hidden` (N, D), one head each)
-    that is still `alive` when its turn comes; `fail` the ones whose own work fails."""
+    that is still `alive` when its turn comes; `fail` the ones whose own work fails. A beam draws nothing
+    here: its (V,) logits come back by row, for its job's beam search (server/beams.py)."""
     tokenizer, eos_id = base.tokenizer, base.tokenizer.eos_token_id
     heads = [seq.head for seq in batch]
+    beam_logits: dict[int, Tensor] = {}
     for rows, logits in group_logits(base, hidden, heads, groups):
         seqs = [batch[row] for row in rows]
         if isinstance(logits, Exception):
@@ -44,20 +46,23 @@ def draw_tokens(base: Base, hidden: Tensor, batch: list[Sequence], groups: list[
                                           f"{type(logits).__name__}"))
             continue
         _draw_greedy(logits, seqs, now, alive, fail, tokenizer, eos_id)
+        beam_logits.update((row, logits[i]) for i, (row, seq) in enumerate(zip(rows, seqs, strict=True))
+                           if seq.params.is_beam and alive(seq))
         for i, seq in enumerate(seqs):
-            if not seq.params.is_greedy and alive(seq):
+            if not seq.params.is_greedy and not seq.params.is_beam and alive(seq):
                 try:
                     token, logprob = sample(logits[i:i + 1], seq.params, seq.generator)
                     seq.append(int(token), float(logprob), now, tokenizer, eos_id)
                 except Exception as e:
                     fail(seq, public_error(seq, e))
         for i, seq in enumerate(seqs):
-            if seq.top_logprobs and alive(seq):
+            if seq.top_logprobs and not seq.params.is_beam and alive(seq):
                 try:  # from the distribution the token's own logprob comes from
                     top = F.log_softmax(scaled_logits(logits[i:i + 1], seq.params), dim=-1)[0].topk(seq.top_logprobs)
                     seq.add_top(top.indices.tolist(), top.values.tolist())
                 except Exception as e:
                     fail(seq, public_error(seq, e))
+    return beam_logits
 
 
 def _draw_greedy(logits: Tensor, seqs: list[Sequence], now: float, alive: Callable[[Sequence], bool], fail: Fail,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from heads.sampling import FinishReason
+from heads.sampling import FinishReason, SamplingParams
 
 HEAD_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 # The name of the base's own linear head wherever a head is named: /v1 `model`, metric labels, comparisons.
@@ -23,6 +23,9 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_TOP_LOGPROBS = 5  # alternatives per token: /generate's `top_logprobs`, /v1's `logprobs` (OpenAI's limit)
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+MAX_BEAMS = 8  # beams of one "beam" request: each is a sequence of the batch (MAX_BATCH_SIZE counts them)
+MAX_LENGTH_PENALTY = 10.0  # |length_penalty|: beyond it, length alone decides
+BEAM_FIELDS = ("num_beams", "length_penalty", "early_stopping")
 
 
 class Strict(BaseModel):
@@ -30,11 +33,31 @@ class Strict(BaseModel):
 
 
 class Decoding(Strict):
-    strategy: Literal["greedy", "top_k", "top_p"] = "greedy"
+    strategy: Literal["greedy", "top_k", "top_p", "beam"] = "greedy"
     top_k: int = Field(default=50, ge=1, le=1000)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     temperature: float = Field(default=1.0, gt=0.0, le=10.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # None: a fresh random seed per request
+    # Beam search (server/beams.py), with transformers' meaning of each field; 1 beam is greedy, as there.
+    num_beams: int = Field(default=4, ge=1, le=MAX_BEAMS)
+    length_penalty: float = Field(default=1.0, ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY, allow_inf_nan=False)
+    early_stopping: bool | Literal["never"] = False
+
+    @model_validator(mode="after")
+    def _beam_fields_need_beam(self) -> Decoding:
+        given = [name for name in BEAM_FIELDS if name in self.model_fields_set]
+        if given and self.strategy != "beam":
+            raise ValueError(f"{', '.join(given)}: only for strategy 'beam' (got strategy {self.strategy!r})")
+        return self
+
+    def params(self) -> SamplingParams:
+        """The engine's settings; one beam is greedy decoding, as transformers' generate makes it. `top_k` and
+        `temperature` stay for the linear_top_k comparison whatever the strategy."""
+        beam = self.strategy == "beam" and self.num_beams > 1
+        return SamplingParams(strategy="greedy" if self.strategy == "beam" and not beam else self.strategy,
+                              top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
+                              num_beams=self.num_beams if beam else 1, length_penalty=self.length_penalty,
+                              early_stopping=self.early_stopping)
 
 
 class GenerateRequest(Strict):
@@ -51,6 +74,12 @@ class GenerateRequest(Strict):
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks want fixed lengths)
     stream: bool = False  # answer with server-sent events, token by token (docs/api.md)
+
+    @model_validator(mode="after")
+    def _beam_is_not_streamed(self) -> GenerateRequest:
+        if self.stream and self.decoding.strategy == "beam":
+            raise ValueError("stream: beam search knows its answer only when it ends; send stream: false")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -126,6 +155,10 @@ class HeadSummary(BaseModel):
     created_at: str | None = None
     config: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
+    generative: bool | None = None  # it decodes text (/generate); false: a classifier (POST /classify only)
+    # What POST /classify labels without label words: a classifier's labels, or a generative head's verbalizer
+    # labels (its head_config.json `labels`); null: the head classifies only with label words, if at all.
+    labels: list[str] | None = None
 
 
 class HeadList(BaseModel):

@@ -1,10 +1,11 @@
 """What the engine works on: a request (`GenerationJob`), its decode streams (`Sequence`) and the result,
 and how a job travels through the engine (`Pending` while queued, `Running` once admitted).
 
-A job becomes one `Sequence` for the answer plus one per comparison decode. Each sequence carries
-everything that makes it independent of its neighbours in a batch — its head, sampling settings,
-own random generator, stop conditions and its slot in the KV cache — so sequences of different
-requests and heads can share every forward pass and still give the output they would give alone.
+A job becomes one `Sequence` for the answer (or one per beam: server/beams.py) plus one per comparison
+decode. Each sequence carries everything that makes it independent of its neighbours in a batch — its
+head, sampling settings, own random generator, stop conditions and its slot in the KV cache — so
+sequences of different requests and heads can share every forward pass and still give the output
+they would give alone.
 A sequence records only finite log-probabilities, so whatever it holds can always be sent as JSON.
 """
 
@@ -15,13 +16,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from heads.factored import ServingHead
 from heads.sampling import NonFiniteLogitsError, SamplingParams
+from server.classify import ClassifyJob, ClassifyResult
 from server.schemas import FinishReason
+
+if TYPE_CHECKING:
+    from server.beams import BeamSearch
 
 log = logging.getLogger(__name__)
 
@@ -128,20 +133,20 @@ class JobResult:
     prompt_tokens: int = 0
 
 
-Settle = Callable[[JobResult | None, BaseException | None], None]
+Settle = Callable[[JobResult | ClassifyResult | None, BaseException | None], None]
 
 
 @dataclass
 class Pending:
     """A job with the way back to whoever waits for it."""
 
-    job: GenerationJob
+    job: GenerationJob | ClassifyJob  # a classification (server/classify.py) is a prefill with no decode
     settle: Settle  # called once, from the worker thread, with the result or the error
     abandoned: Callable[[], bool] = lambda: False  # the caller stopped waiting: skip or drop the job
     # Streaming callers: called from the worker after every step that gave the job new tokens, with its sequences.
     progress: Callable[[list[Sequence]], None] | None = None
 
-    def answer(self, result: JobResult | None, error: BaseException | None) -> None:
+    def answer(self, result: JobResult | ClassifyResult | None, error: BaseException | None) -> None:
         """Settle; a caller's callback that fails must not cost anyone else their answer."""
         try:
             self.settle(result, error)
@@ -167,6 +172,7 @@ class Running:
     remaining: int = field(init=False)
     # Set when one of its sequences fails: the job draws no more tokens, and leaves at the end of the step.
     error: BaseException | None = None
+    beams: BeamSearch | None = None  # a beam-search job: its first num_beams sequences are the beams
 
     def __post_init__(self) -> None:
         self.remaining = len(self.sequences)

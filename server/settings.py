@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from heads.base import EMBEDDED_BASE, IN_CHECKOUT, REPO_ROOT, check_base_location, default_base
 from heads.base_sources import check_base, default_cache_dir
 from heads.errors import BaseModelError
+from server.classify_schemas import MAX_TEXTS
 
 DEFAULT_MAX_PROMPT_TOKENS = 512
 LOOPBACK_NAMES = {"localhost"}
@@ -56,6 +57,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=1)  # requests waiting for the worker before 429
     max_batch_size: int = Field(default=32, ge=1)  # sequences per engine step (comparison decodes count)
     max_batch_tokens: int = Field(default=4096, ge=1)  # prompt + decode tokens per engine step
+    max_classify_texts: int = Field(default=32, ge=1, le=MAX_TEXTS)  # texts in one POST /classify (each a queued job)
     head_cache_size: int = Field(default=8, ge=1)  # prepared heads kept on the device
     # A backward-attention head serves in factored form (KB resident, ms to load) until this use, then
     # its keys are materialised for the fastest decode; 1: materialise at load; 0: never.

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 from starlette.types import Receive
 
+from server.classify import ClassifyResult
 from server.engine import Engine
 from server.errors import ClientDisconnectedError
 from server.schemas import FinishReason
-from server.sequence import Detokenizer, GenerationJob, JobResult, Pending, Sequence
+from server.sequence import Detokenizer, GenerationJob, JobResult, Pending, Sequence, Settle
 
 MAIN_DECODER = "main"  # the `decoder` of a job's answer in stream events; comparisons keep their names
 
@@ -213,10 +214,9 @@ def _progress(loop: asyncio.AbstractEventLoop, ref: StreamRef, deltas: TextDelta
     return progress
 
 
-def _settle(loop: asyncio.AbstractEventLoop, ref: StreamRef,
-            index: int) -> Callable[[JobResult | None, BaseException | None], None]:
-    def settle(result: JobResult | None, error: BaseException | None) -> None:
-        if error is None and result is not None:
+def _settle(loop: asyncio.AbstractEventLoop, ref: StreamRef, index: int) -> Settle:
+    def settle(result: JobResult | ClassifyResult | None, error: BaseException | None) -> None:
+        if error is None and isinstance(result, JobResult):  # a generation's stream gets nothing else
             event: StreamEvent = JobDone(index, result)
         else:  # the engine settles with exactly one of the two; a job with neither fails rather than hangs
             event = JobFailed(index, error or RuntimeError("the job ended with neither a result nor an error"))

@@ -33,8 +33,10 @@ class Runner(Protocol):
 
     def step(self, cache: SlotKVCache, decode_ids: list[int], decode_lengths: list[int],
              prefills: list[Prefill]) -> Tensor:
-        """Final hidden states (n_decode + len(prefills), D): decode row i feeds `decode_ids[i]` at position
-        `decode_lengths[i]` from slot i; each prefill's prompt fills its slots and gives its last token's row."""
+        """Final hidden states (n_decode + len(prefills) + n_mean, D): decode row i feeds `decode_ids[i]` at
+        position `decode_lengths[i]` from slot i; each prefill's prompt fills its slots and gives its last token's
+        row; then each prefill with `mean` set gives the mean of its final hidden states over all its positions
+        (in prefill order), what a mean-pooling classifier reads."""
         ...
 
 

@@ -9,6 +9,7 @@ one causal call per new prompt, whose keys and values land in all of its slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class FlatStep:
     mask: Tensor  # (n_decode, 1, 1, span) which of them each decode row may see
     prompts: list[tuple[int, int, Tensor]]  # per prefill: its rows start:end and its slots (as a tensor)
     last: Tensor  # (n_decode + n_prefill,) the rows the step returns: every decode row, each prompt's last
+    means: list[tuple[int, int]]  # rows start:end of each prefill that asks for its mean (Prefill.mean), in order
 
     @classmethod
     def of(cls, decode_ids: list[int], decode_lengths: list[int], prefills: list[Prefill],
@@ -41,16 +43,30 @@ class FlatStep:
         lengths = torch.tensor(decode_lengths, dtype=torch.long, device=device)  # (n_decode,)
         span = max(decode_lengths, default=0) + 1
         mask = (torch.arange(span, device=device)[None, :] <= lengths[:, None])[:, None, None, :]
-        prompts, last, start = [], list(range(n_decode)), n_decode
+        prompts, last, means, start = [], list(range(n_decode)), [], n_decode
         for prefill in prefills:
             end = start + len(prefill.token_ids)
             prompts.append((start, end, torch.tensor(prefill.slots, dtype=torch.long, device=device)))
             last.append(end - 1)
+            if prefill.mean:
+                means.append((start, end))
             start = end
         return cls(ids=torch.tensor(ids, dtype=torch.long, device=device),
                    positions=torch.tensor(positions, dtype=torch.long, device=device), n_decode=n_decode,
                    rows=torch.arange(n_decode, device=device), lengths=lengths, span=span, mask=mask, prompts=prompts,
-                   last=torch.tensor(last, dtype=torch.long, device=device))
+                   last=torch.tensor(last, dtype=torch.long, device=device), means=means)
+
+    def final(self, hidden: Tensor, norm: Callable[[Tensor], Tensor]) -> Tensor:
+        """What a runner's step returns, from the last layer's (N, D) output and the base's final norm: the
+        normed rows in `last`, then the mean of each `means` prompt's normed rows (averaged in float32).
+
+        The final norm is per token, so only the rows returned (and those averaged) pay for it.
+        """
+        out = norm(hidden[self.last])  # (n_decode + n_prefill, D)
+        if not self.means:
+            return out
+        means = [norm(hidden[start:end]).float().mean(0) for start, end in self.means]  # each (D,)
+        return torch.cat([out, torch.stack(means).to(out.dtype)])  # (n_decode + n_prefill + n_mean, D)
 
 
 def attend(step: FlatStep, cache: SlotKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -52,6 +52,17 @@ class SlotKVCache:
         for tensor in self.keys + self.values:
             tensor[dst, :, :length] = tensor[src, :, :length]
 
+    def fork(self, src: list[int], dst: list[int], length: int) -> None:
+        """Slot `dst[i]` takes slot `src[i]`'s first `length` positions, all at once: beam search's beams that
+        continue another beam's prefix take its keys/values. Every source is read before any slot is written,
+        so a permutation of slots is safe."""
+        if not dst:
+            return
+        src_rows = torch.tensor(src, dtype=torch.long, device=self.device)
+        dst_rows = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for tensor in self.keys + self.values:
+            tensor[dst_rows, :, :length] = tensor[src_rows, :, :length]  # the right side is a copy
+
     def release(self) -> None:
         """Drop the buffers; the next `ensure` allocates afresh."""
         self.keys, self.values, self.capacity = [], [], 0
@@ -59,7 +70,12 @@ class SlotKVCache:
 
 @dataclass
 class Prefill:
-    """A new prompt: its tokens go through the step once and its keys/values land in every listed slot."""
+    """A new prompt: its tokens go through the step once and its keys/values land in every listed slot.
+
+    A classification is a prefill with no slot (it decodes nothing, so nothing needs caching) that may ask
+    for `mean`: its final hidden states averaged over all of its positions, for a mean-pooling classifier.
+    """
 
     token_ids: list[int]
     slots: list[int]  # the request's answer and its comparison decodes share one prefill
+    mean: bool = False  # the step also returns the mean of this prompt's final hidden states

@@ -52,7 +52,8 @@ class RaggedGPT2:
     @torch.inference_mode()
     def step(self, cache: SlotKVCache, decode_ids: list[int], decode_lengths: list[int],
              prefills: list[Prefill]) -> Tensor:
-        """Final hidden states (after ln_f): one row per decode slot, then one per prefill.
+        """Final hidden states (after ln_f): one row per decode slot, then one per prefill, then the mean
+        row of each prefill that asks for it (`Prefill.mean`).
 
         Decode row i is slot i: it feeds `decode_ids[i]` at position `decode_lengths[i]` (the number
         of tokens already cached), attending to its cache. Callers grow the cache first and update
@@ -65,4 +66,4 @@ class RaggedGPT2:
             out = attend(flat, cache, layer, q, k, v, self.scales[layer])  # (N, H, d)
             hidden = hidden + block.attn.c_proj(out.reshape(-1, self.n_embd))
             hidden = hidden + block.mlp(block.ln_2(hidden))
-        return self.ln_f(hidden[flat.last])
+        return flat.final(hidden, self.ln_f)

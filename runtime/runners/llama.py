@@ -72,7 +72,8 @@ class RaggedLlama:
     @torch.inference_mode()
     def step(self, cache: SlotKVCache, decode_ids: list[int], decode_lengths: list[int],
              prefills: list[Prefill]) -> Tensor:
-        """Final hidden states (after the final norm): one row per decode slot, then one per prefill.
+        """Final hidden states (after the final norm): one row per decode slot, then one per prefill, then
+        the mean row of each prefill that asks for it (`Prefill.mean`).
 
         Same contract as `RaggedGPT2.step`: decode row i is slot i, feeding `decode_ids[i]` at position
         `decode_lengths[i]`; callers grow the cache first and update their lengths afterwards.
@@ -90,7 +91,7 @@ class RaggedLlama:
             out = attend(flat, cache, layer, q, k, v, self.scales[layer])  # (N, H, d)
             hidden = hidden + attn.o_proj(out.reshape(-1, self.n_heads * self.head_dim))
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        return self.norm(hidden[flat.last])
+        return flat.final(hidden, self.norm)
 
 
 def _check_parts(model_type: str, inner: nn.Module, layers: list[LlamaDecoderLayer]) -> None:

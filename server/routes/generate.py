@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from heads.sampling import SamplingParams
 from server.errors import public_detail, status_for
 from server.jobs import JobRequest, build_job, check_max_new_tokens
 from server.schemas import (
@@ -36,12 +35,10 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep,
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens)
     check_max_new_tokens(max_new_tokens, settings)
     label_head(request, registry, body.head)  # 404 here for a head the registry does not hold
-    d = body.decoding
     job, prompt = await build_job(JobRequest(
         prompt=body.prompt, head=body.head, raw=body.raw, max_new_tokens=max_new_tokens,
-        params=SamplingParams(strategy=d.strategy, top_k=d.top_k, top_p=d.top_p, temperature=d.temperature),
-        seed=d.seed, stop=tuple(body.stop or ()), compare=tuple(body.comparisons()), ignore_eos=body.ignore_eos,
-        top_logprobs=body.top_logprobs),
+        params=body.decoding.params(), seed=body.decoding.seed, stop=tuple(body.stop or ()),
+        compare=tuple(body.comparisons()), ignore_eos=body.ignore_eos, top_logprobs=body.top_logprobs),
         runtime, registry)
     stream = JobStream(runtime.engine, [job], tokens=body.stream)  # 429 here, before any byte is sent
     if not body.stream:

@@ -11,6 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from heads import HeadMetadata
+from heads.registry import get_head_type
 from server.errors import HeadNotFoundError, HeadUnavailableError, InvalidRequestError, UploadTooLargeError
 from server.metrics import UNKNOWN_LABEL
 from server.registry import HeadEntry, check_name
@@ -53,7 +55,16 @@ def summarize(entry: HeadEntry, resident: set[str], served_fingerprint: str | No
                        prompt_format=meta.prompt_format,
                        base_model_name_or_path=meta.base_model_name_or_path, base_fingerprint=meta.base_fingerprint,
                        created_at=meta.created_at, config=meta.config, training=meta.training,
-                       served_base_fingerprint=served_fingerprint if entry.incompatible else None)
+                       served_base_fingerprint=served_fingerprint if entry.incompatible else None,
+                       generative=get_head_type(meta.head_type).generative, labels=_labels(meta))
+
+
+def _labels(meta: HeadMetadata) -> list[str] | None:
+    """The labels a head classifies into by itself: a verbalizer's, or a classifier's (its config names them)."""
+    if meta.labels is not None:
+        return list(meta.labels)
+    labels = meta.config.get("labels") if not get_head_type(meta.head_type).generative else None
+    return [str(label) for label in labels] if isinstance(labels, list) else None
 
 
 @router.post("/heads", status_code=201, response_model=HeadSummary, dependencies=[Depends(require_admin)],

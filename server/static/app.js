@@ -1,7 +1,8 @@
 // The comparison page: one POST /generate with stream + compare, its server-sent events routed to three
 // columns (the chosen head, linear greedy, linear top-k) as tokens arrive. It polls /readyz for the
 // connection state and the server's limits (so the form never offers what the server refuses), and
-// explains each token (probability and the alternatives) on hover, tap and keyboard focus alike.
+// explains each token (probability and the alternatives) on hover, tap and keyboard focus alike. Its classify mode
+// lives in classify.js.
 // Static on purpose: no build step, no CDN.
 "use strict";
 
@@ -14,7 +15,7 @@ const NARROW = matchMedia("(max-width: 600px)"); // the token panel is a bottom 
 
 const state = {
   ready: false, controller: null, alternatives: ALTERNATIVES, headPicked: false, shown: null,
-  chatBase: false, heads: [], stopEdited: false,
+  chatBase: false, heads: [], stopEdited: false, mode: "generate", classifying: false, labelWordsEdited: false,
 };
 const tokenData = new WeakMap(); // token span -> its stream event
 const columns = {};
@@ -44,6 +45,7 @@ function paint(span, p) {
 function updateButtons() {
   $("#generate").disabled = !state.ready || state.controller !== null;
   $("#stop-button").disabled = state.controller === null;
+  $("#classify").disabled = !state.ready || state.classifying;
 }
 
 function setConnection(kind, text) {
@@ -105,6 +107,7 @@ async function loadHeads() {
       if (math) select.value = math;
     }
     defaultStop();
+    fillClassifyHeads(heads);
   } catch (error) {
     setSummary(`could not list heads: ${error.message}`, true);
   }
@@ -402,7 +405,7 @@ $("#max-tokens").addEventListener("change", () => clampNumber($("#max-tokens"), 
 document.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !event.isComposing) {
     event.preventDefault();
-    $("#form").requestSubmit();
+    $(state.mode === "classify" ? "#classify-form" : "#form").requestSubmit();
   }
 });
 pollReady();

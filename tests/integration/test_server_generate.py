@@ -194,7 +194,7 @@ def test_sampled_logprobs_are_valid(client: TestClient) -> None:
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   \n"}, "prompt"),
     ({"max_new_tokens": 4}, "prompt"),
-    ({"prompt": "x", "decoding": {"strategy": "beam"}}, "strategy"),
+    ({"prompt": "x", "decoding": {"strategy": "nucleus"}}, "strategy"),
     ({"prompt": "x", "decoding": {"top_k": 0}}, "top_k"),
     ({"prompt": "x", "decoding": {"top_p": 1.5}}, "top_p"),
     ({"prompt": "x", "decoding": {"temperature": 0}}, "temperature"),

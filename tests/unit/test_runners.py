@@ -256,3 +256,45 @@ def test_what_the_runner_cannot_honour_is_refused() -> None:
     normed.model.layers[1].self_attn.q_norm = nn.LayerNorm(16)  # a Qwen3/OLMo-style q norm the runner would skip
     with pytest.raises(UnsupportedBaseError, match=r"layer 1 \(LlamaAttention\).*unknown \['q_norm'\]"):
         runner_for(normed)
+
+
+def hf_final(model: Any, ids: list[int]) -> Tensor:
+    """HF's last_hidden_state over the whole prompt: (T, D)."""
+    with torch.no_grad():
+        return model.base_model(torch.tensor([ids])).last_hidden_state[0]
+
+
+def assert_pools_like_hf(model: Any) -> None:
+    """A step mixing a decode row, a prompt that decodes and two classifications (prefills with no slot, one asking
+    for its mean): the mean rows come after the rest and equal the mean of HF's last_hidden_state over each prompt,
+    every other row is what it is without them, and a prefill with no slot writes no cache row."""
+    runner = runner_for(model)
+    cache = runner.new_cache(2)
+    cache.ensure(32)
+    first, second, pooled, plain = prompt(20, 6), prompt(21, 9), prompt(22, 13), prompt(23, 4)
+    hidden = runner.step(cache, [], [], [Prefill(first, [0])])
+    token = int(model.lm_head(hidden[0]).argmax())
+    before = [t.clone() for t in cache.keys]
+    decode = ([token], [len(first)])
+    alone = runner.step(cache, *decode, [Prefill(second, [1])])
+    cache.keys = [t.clone() for t in before]
+    mixed = runner.step(cache, *decode, [Prefill(pooled, [], mean=True), Prefill(second, [1]),
+                                         Prefill(plain, []), Prefill(first, [], mean=True)])
+    assert mixed.shape[0] == 1 + 4 + 2
+    torch.testing.assert_close(mixed[[0, 2]], alone, atol=1e-5, rtol=1e-5)  # decode row and generating prompt
+    for row, ids in ((1, pooled), (3, plain), (4, first)):
+        torch.testing.assert_close(mixed[row], hf_final(model, ids)[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[5], hf_final(model, pooled).mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[6], hf_final(model, first).mean(0), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(mixed[5], mixed[1], atol=1e-3)  # the mean is not the last row
+    torch.testing.assert_close(cache.keys[0][0, :, : len(first)], before[0][0, :, : len(first)])  # slot 0 intact
+
+
+def test_a_prefill_can_ask_for_its_mean_final_hidden_state(model: Any) -> None:
+    assert_pools_like_hf(model)
+
+
+def test_the_gpt2_runner_pools_like_hf_too(lively_base_dir: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    assert_pools_like_hf(AutoModelForCausalLM.from_pretrained(lively_base_dir).eval().requires_grad_(False))

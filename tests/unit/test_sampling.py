@@ -91,12 +91,26 @@ def test_top_1_and_tiny_top_p_are_greedy() -> None:
     assert torch.equal(sample(logits, SamplingParams(strategy="top_p", top_p=1e-9), make_generator(0))[0], greedy)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(strategy="beam"), SamplingParams(top_k=0),
-                                    SamplingParams(top_p=0.0), SamplingParams(top_p=1.5),
-                                    SamplingParams(temperature=0.0), SamplingParams(top_k=True)])
-def test_validate_names_the_bad_field(params: SamplingParams) -> None:
-    with pytest.raises(ValueError, match="strategy|top_k|top_p|temperature"):
+@pytest.mark.parametrize(("params", "field"), [
+    (SamplingParams(strategy="nucleus"), "strategy"), (SamplingParams(top_k=0), "top_k"),
+    (SamplingParams(top_p=0.0), "top_p"), (SamplingParams(top_p=1.5), "top_p"),
+    (SamplingParams(temperature=0.0), "temperature"), (SamplingParams(top_k=True), "top_k"),
+    (SamplingParams(strategy="beam", num_beams=0), "num_beams"),
+    (SamplingParams(strategy="beam", length_penalty=float("inf")), "length_penalty"),
+    (SamplingParams(strategy="beam", early_stopping="sometimes"), "early_stopping")])
+def test_validate_names_the_bad_field(params: SamplingParams, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
         params.validate()
+
+
+def test_beam_search_is_never_a_per_row_draw() -> None:
+    """"beam" is a valid strategy that `sample` refuses (the engine runs it over a job's beams, server/beams.py),
+    and no temperature makes it greedy."""
+    params = SamplingParams(strategy="beam", num_beams=4, temperature=1e-9)
+    params.validate()
+    assert params.is_beam and not params.is_greedy
+    with pytest.raises(ValueError, match="beam"):
+        sample(torch.zeros(1, 8), params)
 
 
 @pytest.mark.parametrize("strategy", ["top_k", "top_p"])
