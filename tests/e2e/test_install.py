@@ -120,8 +120,9 @@ def test_an_installed_server_serves_the_packaged_base_and_heads(installed: Insta
                     time.sleep(0.3)
             assert ready.base == "models/mini-gpt2"  # named as in the heads' metadata, wherever it is installed
             heads = {h.name: h.status for h in client.list_heads()}
-            # smollm2-math is shipped too: made for SmolLM2, so listed (not served) on the embedded base.
-            assert heads == {"math": "ready", "math-linear": "ready", "smollm2-math": "incompatible"}
+            # The SmolLM2 heads are shipped too: made for SmolLM2, so listed (not served) on the embedded base.
+            assert heads == {"math": "ready", "math-linear": "ready", "smollm2-math": "incompatible",
+                             "smollm2-math-lowrank": "incompatible", "smollm2-math-probs": "incompatible"}
             result = client.generate("Dan has 87 buttons. Dan buys 5 more buttons. How many buttons does Dan have now?",
                                      head="math", max_new_tokens=4)
             assert result.head == "math" and result.tokens == 4  # the packaged head decodes
@@ -131,8 +132,9 @@ def test_an_installed_server_serves_the_packaged_base_and_heads(installed: Insta
     # The registry was created where the server started, as a copy of the shipped heads; site-packages
     # was only read.
     registry = installed.workdir / "registry"
-    assert sorted(p.name for p in registry.iterdir()) == ["math", "math-linear", "smollm2-math"]
-    for name in ("math", "math-linear", "smollm2-math"):
+    heads = ["math", "math-linear", "smollm2-math", "smollm2-math-lowrank", "smollm2-math-probs"]
+    assert sorted(p.name for p in registry.iterdir()) == heads
+    for name in heads:
         assert (registry / name / "head.safetensors").read_bytes() == \
             (REPO_ROOT / "registry" / name / "head.safetensors").read_bytes()
     assert _data_files(installed.site) == shipped

@@ -81,14 +81,15 @@ def installed_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_an_installed_servers_default_registry_starts_as_the_shipped_heads(installed_default: Path) -> None:
     settings = Settings(device="cpu")
     assert settings.heads_dir == installed_default
-    assert seed_default_registry(settings) == ["math", "math-linear", "smollm2-math"]
-    for name in ("math", "math-linear", "smollm2-math"):
+    shipped = ["math", "math-linear", "smollm2-math", "smollm2-math-lowrank", "smollm2-math-probs"]
+    assert seed_default_registry(settings) == shipped
+    for name in shipped:
         for file in (SHIPPED_HEADS / name).iterdir():
             assert (installed_default / name / file.name).read_bytes() == file.read_bytes()
     assert [p.name for p in installed_default.parent.iterdir()] == ["registry"]  # no staging folder left
     shutil.rmtree(installed_default / "math")  # the user's registry from now on: never re-seeded
     assert seed_default_registry(Settings(device="cpu")) == []
-    assert sorted(p.name for p in installed_default.iterdir()) == ["math-linear", "smollm2-math"]
+    assert sorted(p.name for p in installed_default.iterdir()) == shipped[1:]
 
 
 def test_a_registry_the_user_named_is_left_as_it_is(installed_default: Path, tmp_path: Path,
