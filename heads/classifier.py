@@ -85,8 +85,7 @@ def verbalizer_ids(words: Sequence[str], tokenizer: Any, prompt_format: str) -> 
     if len(set(firsts)) != len(firsts):
         shared = sorted({repr(w) for w, f in zip(words, firsts, strict=True) if firsts.count(f) > 1})
         raise ValueError(f"label words {', '.join(shared)} start with the same token, so a verbalizer cannot tell "
-                         "them apart; choose words whose first tokens differ (e.g. ' terrible, bad, neutral, good, "
-                         "great')")
+                         "them apart under this base's tokenizer; choose words whose first tokens differ")
     return ids
 
 

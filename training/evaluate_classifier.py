@@ -1,7 +1,7 @@
 """Evaluate classification heads on a labelled split (dev by default), beside reference numbers.
 
     python -m training.evaluate --heads runs/sentiment-sst runs/sst-verbalizer --data ../shared/data/sst \\
-        --out reports/sentiment-sst --label-words " terrible, bad, neutral, good, great" \\
+        --out reports/sentiment-sst --label-words " terrible, bad, okay, good, excellent" \\
         --reference "last-layer GPT-2 124M=0.462" --reference "full fine-tune GPT-2 124M=0.513"
 
 training.evaluate comes here (`--task classify`, the default when every head given is a classifier or a

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", default=None, help="label names in label order, comma-separated (default: the label "
                    "words stripped, else label_0, label_1 ... up to the data's largest label)")
     g.add_argument("--label-words", default=None, help="train a generative head to answer each text with its "
-                   "label's word (comma-separated, in label order, e.g. ' terrible, bad, neutral, good, great'; "
+                   "label's word (comma-separated, in label order, e.g. ' terrible, bad, okay, good, excellent'; "
                    "their first tokens must differ): a verbalizer, recording the labels and those first tokens")
     g.add_argument("--pooling", choices=POOLINGS, default=None, help="classifier: the state at the prompt's last "
                    "token, or the mean over its tokens (default: last)")

@@ -31,6 +31,7 @@ QUICK = [  # (pattern, replacement): sizes only, so the flow takes seconds; ever
     (r"(-m training\.synth\b.*--test )\d+", r"\g<1>6"),
     (r"(-m training\.fit\b.*)$", r"\1 --max-steps 3"),
     (r"(-m training\.evaluate\b.*)$", r"\1 --max-new-tokens 16"),
+    (r"(-m training\.(?:fit|evaluate)\b.*\.\./shared/data/.*)$", r"\1 --limit 64"),  # the real data sets
 ]
 
 
@@ -69,6 +70,9 @@ def checkout(tmp_path: Path) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
     subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "snapshot"], cwd=copy, check=True)
+    shared = REPO_ROOT.parent / "shared"
+    if shared.is_dir():  # the README reads real data from ../shared/data, beside the checkout
+        (tmp_path / "shared").symlink_to(shared)
     return copy
 
 
