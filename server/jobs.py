@@ -28,7 +28,7 @@ from heads.prompts import (
 )
 from heads.registry import get_head_type
 from heads.sampling import SamplingParams
-from server.errors import HeadKindError, InvalidRequestError
+from server.errors import HeadKindError, HeadUnavailableError, InvalidRequestError
 from server.registry import Registry
 from server.schemas import BASE_LABEL
 from server.sequence import GenerationJob
@@ -56,17 +56,10 @@ def check_max_new_tokens(value: int, settings: Settings) -> int:
     return value
 
 
-def prompt_style(head: str | None, registry: Registry, runtime: Runtime) -> PromptStyle:
-    """How a problem for this head is formatted: as the head was trained, or as `heads.prompts.base_style`
-    says for the base alone (chat on a chat base); raises HeadNotFoundError (404) before anything is queued."""
-    return registry.metadata(head).prompt_style if head is not None else base_style(runtime.base.tokenizer)
-
-
-def check_generative(head: str | None, registry: Registry) -> None:
+def check_generative(head: str | None, kind: str | None) -> None:
     """Refuse (422, naming the kind) to generate with a head that gives label probabilities, not text."""
-    if head is None:
+    if head is None or kind is None:
         return
-    kind = registry.metadata(head).head_type
     if not get_head_type(kind).generative:
         raise HeadKindError(f"head {head!r} is a {kind} head: it gives label probabilities, not text, so it cannot "
                             "generate; classify with it (POST /classify)")
@@ -95,10 +88,44 @@ def format_prompt(prompt: str | tuple[ChatMessage, ...], style: PromptStyle, hea
                                   "has no chat template; send the prompt with raw: true") from None
 
 
+REPLAN_TRIES = 3  # a head replaced between its metadata read and its load is planned again, this many times at most
+
+
 async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -> tuple[GenerationJob, str]:
-    """The job and the prompt text it decodes from (formatted, or the token ids decoded)."""
-    style = prompt_style(request.head, registry, runtime)
-    check_generative(request.head, registry)
+    """The job and the prompt text it decodes from (formatted, or the token ids decoded).
+
+    The prompt is formatted from the head's metadata before the head is loaded (so a bad prompt costs no load);
+    if the head was replaced in between, the version loaded decides: its template and its kind."""
+    meta = registry.metadata(request.head) if request.head is not None else None
+    style = meta.prompt_style if meta is not None else base_style(runtime.base.tokenizer)
+    check_generative(request.head, meta.head_type if meta is not None else None)
+    for _ in range(REPLAN_TRIES):
+        prompt, prompt_ids, ends = await _encode_prompt(request, style, runtime)
+        if request.head is None:
+            head = None
+            break
+        # Loads run on the head cache's own executor (never the shared thread pool); shielded, so a
+        # client that goes away does not cancel a load other requests wait on.
+        loaded = await asyncio.shield(asyncio.wrap_future(runtime.head_cache.submit(request.head)))
+        check_generative(request.head, loaded.meta.head_type)
+        head = loaded.module
+        if loaded.meta.prompt_style == style or request.raw or not isinstance(request.prompt, str):
+            break
+        style = loaded.meta.prompt_style  # replaced meanwhile: format as the version loaded was trained
+    else:
+        raise HeadUnavailableError(f"head {request.head!r} is being replaced too often to serve; send the request "
+                                   "again")
+    job = GenerationJob(prompt_ids=prompt_ids, head=head, head_label=request.head or BASE_LABEL,
+                        params=request.params,
+                        seed=request.seed if request.seed is not None else secrets.randbits(63),
+                        max_new_tokens=request.max_new_tokens, stop=request.stop, compare=request.compare,
+                        ignore_eos=request.ignore_eos, end_ids=ends, top_logprobs=request.top_logprobs)
+    return job, prompt
+
+
+async def _encode_prompt(request: JobRequest, style: PromptStyle,
+                         runtime: Runtime) -> tuple[str, list[int], tuple[int, ...]]:
+    """The prompt text, its token ids (within the limits) and the extra end tokens of its format."""
     tokenizer = runtime.base.tokenizer
     ends: tuple[int, ...] = ()
     if not isinstance(request.prompt, list):
@@ -124,15 +151,4 @@ async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -
     if len(prompt_ids) > runtime.prompt_token_limit:
         raise InvalidRequestError(f"the prompt is {len(prompt_ids)} tokens once formatted; the limit is "
                                   f"{runtime.prompt_token_limit}")
-    head = None
-    if request.head is not None:
-        # Loads run on the head cache's own executor (never the shared thread pool); shielded, so a
-        # client that goes away does not cancel a load other requests wait on.
-        loading = asyncio.wrap_future(runtime.head_cache.submit(request.head))
-        head = (await asyncio.shield(loading)).module
-    job = GenerationJob(prompt_ids=prompt_ids, head=head, head_label=request.head or BASE_LABEL,
-                        params=request.params,
-                        seed=request.seed if request.seed is not None else secrets.randbits(63),
-                        max_new_tokens=request.max_new_tokens, stop=request.stop, compare=request.compare,
-                        ignore_eos=request.ignore_eos, end_ids=ends, top_logprobs=request.top_logprobs)
-    return job, prompt
+    return prompt, prompt_ids, ends

@@ -32,9 +32,9 @@ from server.classify_schemas import (
     LabelProbability,
 )
 from server.engine import Engine
-from server.errors import ClientDisconnectedError, HeadKindError, InvalidRequestError
-from server.jobs import check_prompt_chars, format_prompt
-from server.registry import Registry
+from server.errors import ClientDisconnectedError, HeadKindError, HeadUnavailableError, InvalidRequestError
+from server.head_cache import LoadedHead
+from server.jobs import REPLAN_TRIES, check_prompt_chars, format_prompt
 from server.schemas import BASE_LABEL
 from server.sequence import JobResult, Pending, Settle
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head
@@ -63,9 +63,19 @@ async def classify(body: Annotated[ClassifyRequest, Body(openapi_examples=REQUES
         raise InvalidRequestError(f"{len(texts)} texts in one request; this server takes at most "
                                   f"{settings.max_classify_texts} (MAX_CLASSIFY_TEXTS)")
     label_head(request, registry, body.head)  # 404 here for a head the registry does not hold
-    plan = plan_for(body, registry, runtime)
-    prompts, prompt_ids = await _prompts(texts, plan.style, body.head, runtime)
-    scorer = await _scorer(plan, body.head, runtime)
+    meta = registry.metadata(body.head) if body.head is not None else None
+    # Planned and formatted from the metadata before the head is loaded (bad texts cost no load); if the head was
+    # replaced in between, the version loaded decides: planned again from its metadata.
+    for _ in range(REPLAN_TRIES):
+        plan = plan_for(body, meta, runtime)
+        prompts, prompt_ids = await _prompts(texts, plan.style, body.head, runtime)
+        loaded = await _load(body.head, runtime)
+        if loaded is None or _plans_alike(loaded.meta, meta):
+            break
+        meta = loaded.meta
+    else:
+        raise HeadUnavailableError(f"head {body.head!r} is being replaced too often to serve; send the request again")
+    scorer = _scorer(plan, body.head, loaded)
     label = body.head or BASE_LABEL
     jobs = [ClassifyJob(prompt_ids=ids, head_label=label, scorer=scorer) for ids in prompt_ids]
     results = await classify_all(runtime.engine, jobs, request.receive)
@@ -76,9 +86,8 @@ async def classify(body: Annotated[ClassifyRequest, Body(openapi_examples=REQUES
                  for result, prompt, ids in zip(results, prompts, prompt_ids, strict=True)])
 
 
-def plan_for(body: ClassifyRequest, registry: Registry, runtime: Runtime) -> Plan:
-    """Whether and how the head can classify (422 naming the problem), from its metadata alone."""
-    meta: HeadMetadata | None = registry.metadata(body.head) if body.head is not None else None
+def plan_for(body: ClassifyRequest, meta: HeadMetadata | None, runtime: Runtime) -> Plan:
+    """Whether and how the head (None: the base) can classify (422 naming the problem), from its metadata alone."""
     tokenizer = runtime.base.tokenizer
     style = meta.prompt_style if meta is not None else base_style(tokenizer)
     if meta is not None and not get_head_type(meta.head_type).generative:
@@ -121,14 +130,27 @@ async def _prompts(texts: list[str], style: PromptStyle, head: str | None,
     return formatted, ids
 
 
-async def _scorer(plan: Plan, head: str | None, runtime: Runtime) -> Scorer:
-    """The plan with its head prepared (loads run on the head cache's own thread, shielded as /generate's)."""
+def _plans_alike(loaded: HeadMetadata, planned: HeadMetadata | None) -> bool:
+    """Whether the version loaded is scored and formatted as the plan assumed (a replace may change any of it)."""
+    return planned is not None and all(getattr(loaded, name) == getattr(planned, name) for name in
+                                       ("head_type", "prompt_template", "prompt_format", "labels", "label_token_ids"))
+
+
+async def _load(head: str | None, runtime: Runtime) -> LoadedHead | None:
+    """The head prepared on the head cache's own thread (shielded, as /generate's loads); None for the base."""
     if head is None:
+        return None
+    return await asyncio.shield(asyncio.wrap_future(runtime.head_cache.submit(head)))
+
+
+def _scorer(plan: Plan, head: str | None, loaded: LoadedHead | None) -> Scorer:
+    """The plan with its loaded head."""
+    if loaded is None:
         return Verbalizer(head=None, token_ids=plan.token_ids, labels=plan.labels)
-    module = (await asyncio.shield(asyncio.wrap_future(runtime.head_cache.submit(head)))).module
+    module = loaded.module
     if plan.method == "verbalizer":
         return Verbalizer(head=module, token_ids=plan.token_ids, labels=plan.labels)
-    if not isinstance(module, ClassifierHead):  # replaced by another kind between the check and the load
+    if not isinstance(module, ClassifierHead):  # cannot happen once the plans agree; never score the wrong kind
         raise HeadKindError(f"head {head!r} is no longer a classifier head; send the request again")
     return Classifier(head=module, labels=tuple(module.labels), pooling="mean" if module.config.pooling == "mean"
                       else "last")
