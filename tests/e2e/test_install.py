@@ -24,6 +24,7 @@ import pytest
 import headserve
 from bench.server_proc import free_port
 from clients import HeadserveClient, HeadserveError
+from tests.shipped import made_for, shipped_heads
 
 pytestmark = pytest.mark.slow
 
@@ -121,8 +122,8 @@ def test_an_installed_server_serves_the_packaged_base_and_heads(installed: Insta
             assert ready.base == "models/mini-gpt2"  # named as in the heads' metadata, wherever it is installed
             heads = {h.name: h.status for h in client.list_heads()}
             # The SmolLM2 heads are shipped too: made for SmolLM2, so listed (not served) on the embedded base.
-            assert heads == {"math": "ready", "math-linear": "ready", "smollm2-math": "incompatible",
-                             "smollm2-math-lowrank": "incompatible", "smollm2-math-probs": "incompatible"}
+            assert heads == {name: "ready" if made_for(name) == "models/mini-gpt2" else "incompatible"
+                             for name in shipped_heads()}
             result = client.generate("Dan has 87 buttons. Dan buys 5 more buttons. How many buttons does Dan have now?",
                                      head="math", max_new_tokens=4)
             assert result.head == "math" and result.tokens == 4  # the packaged head decodes
@@ -132,7 +133,7 @@ def test_an_installed_server_serves_the_packaged_base_and_heads(installed: Insta
     # The registry was created where the server started, as a copy of the shipped heads; site-packages
     # was only read.
     registry = installed.workdir / "registry"
-    heads = ["math", "math-linear", "smollm2-math", "smollm2-math-lowrank", "smollm2-math-probs"]
+    heads = shipped_heads()
     assert sorted(p.name for p in registry.iterdir()) == heads
     for name in heads:
         assert (registry / name / "head.safetensors").read_bytes() == \

@@ -19,6 +19,7 @@ import server.settings
 from heads.base import EMBEDDED_BASE, EMBEDDED_NAME, REPO_ROOT, SHIPPED_HEADS, Base, check_base_location
 from server.seed import seed_default_registry
 from server.settings import Settings
+from tests.shipped import shipped_heads
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +82,7 @@ def installed_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_an_installed_servers_default_registry_starts_as_the_shipped_heads(installed_default: Path) -> None:
     settings = Settings(device="cpu")
     assert settings.heads_dir == installed_default
-    shipped = ["math", "math-linear", "smollm2-math", "smollm2-math-lowrank", "smollm2-math-probs"]
+    shipped = shipped_heads()
     assert seed_default_registry(settings) == shipped
     for name in shipped:
         for file in (SHIPPED_HEADS / name).iterdir():
@@ -89,7 +90,7 @@ def test_an_installed_servers_default_registry_starts_as_the_shipped_heads(insta
     assert [p.name for p in installed_default.parent.iterdir()] == ["registry"]  # no staging folder left
     shutil.rmtree(installed_default / "math")  # the user's registry from now on: never re-seeded
     assert seed_default_registry(Settings(device="cpu")) == []
-    assert sorted(p.name for p in installed_default.iterdir()) == shipped[1:]
+    assert sorted(p.name for p in installed_default.iterdir()) == [name for name in shipped if name != "math"]
 
 
 def test_a_registry_the_user_named_is_left_as_it_is(installed_default: Path, tmp_path: Path,
