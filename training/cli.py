@@ -11,7 +11,8 @@ import argparse
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -57,3 +58,23 @@ def command(module: str, *args: object) -> str:
 def next_steps(lines: Sequence[str]) -> str:
     """The closing block every CLI prints: what to run next, one command per line."""
     return "next:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+@contextmanager
+def user_errors(report: Path | None = None) -> Iterator[None]:
+    """Turn a user's mistake into `error: ...` and exit 2; with `report`, a KeyError means that file (or folder)
+    is not a report training.evaluate wrote. What a user can put right: a missing file, rows that do not parse,
+    a head made for another base (imported here, so that a CLI's --help does not load torch)."""
+    from heads.errors import BaseModelError, HeadError
+    from training.data import DataError
+
+    try:
+        yield
+    except (BaseModelError, DataError, HeadError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyError as e:
+        if report is None:
+            raise
+        print(f"error: {report}: not a report written by training.evaluate (no {e})", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -30,7 +30,6 @@ from tqdm import tqdm
 from heads import HeadError, HeadModule, load_head
 from heads.base import Base, default_base, load_base
 from heads.base_sources import base_names_help
-from heads.errors import BaseModelError
 from heads.prompts import PromptStyle, training_style
 from training import cli, evaluate_classifier
 from training.data import DataError, Example, encode, extract_answer, format_target, load_examples
@@ -327,19 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.task == "classify":  # classifier and verbalizer heads: training/evaluate_classifier.py
         return evaluate_classifier.main(args)
-    try:
+    with cli.user_errors(report=args.from_json or args.out):
         if args.from_json is not None:
             written = rerender(args.from_json)
             print(f"wrote {', '.join(map(str, written))} (rendered from {args.from_json})")
             return
         report, written = run(args)
-    except (BaseModelError, DataError, HeadError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyError as e:
-        print(f"error: {args.from_json or args.out}: not a report written by training.evaluate (no {e})",
-              file=sys.stderr)
-        raise SystemExit(2) from None
     print(markdown_table(report["rows"]))
     print(summary(args, report, written))
 

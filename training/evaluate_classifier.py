@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ import torch
 from heads import HeadError, HeadModule, get_head_type, load_head, read_metadata
 from heads.base import Base, load_base
 from heads.classifier import ClassifierHead, verbalizer_ids
-from heads.errors import BaseModelError
 from heads.folders import write_file_atomic
 from heads.prompts import PROMPT_FORMATS, PromptStyle, training_style
+from training import cli
 from training.classify_data import CLASSIFY_TEMPLATE, encode_prompts, label_names, load_labelled, split_list
 from training.classify_metrics import scores
 from training.data import DataError
@@ -339,16 +338,13 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
 
 def main(args: argparse.Namespace) -> None:
     """training.evaluate's entry for classification (its own parser has resolved `args`)."""
-    try:
+    with cli.user_errors(report=args.from_json or args.out):
         if args.from_json is not None:
             report = json.loads(args.from_json.read_text())
             written = write_report(report, args.from_json.parent)
             print(f"wrote {', '.join(map(str, written))} (rendered from {args.from_json})")
             return
         report, written = run(args)
-    except (BaseModelError, DataError, HeadError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(markdown_table(report))
     print(references_table(report))
     print(f"wrote {', '.join(map(str, written))}: {len(report['rows'])} rows on {report['n_examples']} "

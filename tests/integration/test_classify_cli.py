@@ -175,3 +175,11 @@ def test_a_classifier_evaluated_as_math_is_refused_by_name(data_dir: Path, tmp_p
                        "--out", str(tmp_path / "report"), "--task", "math"])
     assert exit_info.value.code == 2
     assert "a classifier head cannot generate; evaluate it with --task classify" in capsys.readouterr().err
+
+
+def test_from_json_on_a_classify_file_that_is_no_report_exits_2(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "report.json").write_text('{"task": "classify", "rows": []}')
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--from-json", str(tmp_path / "report.json")])
+    assert exit_info.value.code == 2 and "not a report written by training.evaluate" in capsys.readouterr().err
