@@ -22,14 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.registry import HeadModule, register_head
+from heads.registry import HeadModule, check_base_shape, positive_int, register_head
 
 WEIGHTINGS = ("logits", "probs")
 MAX_WIDTH_PER_EMBD = 4  # latent_dim and num_heads * head_dim may be at most this many times the base's width
 
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -44,17 +41,17 @@ class BackwardAttentionConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field; called before any tensor is built."""
-        if self.latent_dim is not None and not _positive_int(self.latent_dim):
+        if self.latent_dim is not None and not positive_int(self.latent_dim):
             raise ValueError(f"latent_dim must be a positive integer or null, got {self.latent_dim!r}")
-        if not _positive_int(self.num_heads):
+        if not positive_int(self.num_heads):
             raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
-        if self.head_dim is not None and not _positive_int(self.head_dim):
+        if self.head_dim is not None and not positive_int(self.head_dim):
             raise ValueError(f"head_dim must be a positive integer or null, got {self.head_dim!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not isinstance(self.residual, bool):
             raise ValueError(f"residual must be true or false, got {self.residual!r}")
-        if self.chunk_size is not None and not _positive_int(self.chunk_size):
+        if self.chunk_size is not None and not positive_int(self.chunk_size):
             raise ValueError(f"chunk_size must be a positive integer or null, got {self.chunk_size!r}")
         if not isinstance(self.eps, float) or not 0 < self.eps < math.inf:
             raise ValueError(f"eps must be a positive float, got {self.eps!r}")
@@ -103,8 +100,7 @@ class BackwardAttentionHead(HeadModule):
         super().__init__()
         config = config or BackwardAttentionConfig()
         config.validate()
-        if vocab_size < 1 or n_embd < 1:
-            raise ValueError(f"vocab_size and n_embd must be positive, got {vocab_size} and {n_embd}")
+        check_base_shape(vocab_size, n_embd)
         config.parameter_count(vocab_size, n_embd)  # a head too big to serve is refused before it is built
         self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
         latent, self.head_dim, inner = config.widths(n_embd)  # L, d, H*d

@@ -21,16 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.registry import HeadModule, register_head
+from heads.registry import HeadModule, check_base_shape, positive_int, register_head
 
 POOLINGS = ("last", "mean")
 MIN_LABELS, MAX_LABELS = 2, 1000  # a classifier chooses between at least two labels; 1000 bounds config and answer
 MAX_LABEL_CHARS = 64  # a label is a name ("very-positive"), shown in answers and reports
 MAX_HIDDEN_PER_EMBD = 4  # hidden_dim at most 4 D: wider adds cost, not what one pooled D-wide state can carry
 
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_labels(labels: object, name: str = "labels") -> list[str]:
@@ -119,7 +116,7 @@ class ClassifierConfig:
         check_labels(self.labels)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.hidden_dim is not None and not _positive_int(self.hidden_dim):
+        if self.hidden_dim is not None and not positive_int(self.hidden_dim):
             raise ValueError(f"hidden_dim must be a positive integer or null, got {self.hidden_dim!r}")
 
     def parameter_count(self, vocab_size: int, n_embd: int) -> int:
@@ -144,8 +141,7 @@ class ClassifierHead(HeadModule):
         super().__init__()
         config = config or ClassifierConfig()
         config.validate()
-        if vocab_size < 1 or n_embd < 1:
-            raise ValueError(f"vocab_size and n_embd must be positive, got {vocab_size} and {n_embd}")
+        check_base_shape(vocab_size, n_embd)
         config.parameter_count(vocab_size, n_embd)  # the hidden-layer bound, before anything is allocated
         self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
         classes = len(config.labels)

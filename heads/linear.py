@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from heads.registry import HeadModule, register_head
+from heads.registry import HeadModule, check_base_shape, register_head
 
 
 @dataclass
@@ -31,8 +31,7 @@ class LinearHead(HeadModule):
         super().__init__()
         config = config or LinearConfig()
         config.validate()
-        if vocab_size < 1 or n_embd < 1:
-            raise ValueError(f"vocab_size and n_embd must be positive, got {vocab_size} and {n_embd}")
+        check_base_shape(vocab_size, n_embd)
         self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
         self.proj = nn.Linear(n_embd, vocab_size, bias=config.bias)
         nn.init.normal_(self.proj.weight, std=0.02)

@@ -19,13 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from heads.registry import HeadModule, register_head
+from heads.registry import HeadModule, check_base_shape, positive_int, register_head
 
 PREPARE_ROWS = 8192  # vocabulary rows per product in prepare(): bounds the float32 copy of a half-precision E
 
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -36,7 +33,7 @@ class LowRankConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field; called before any tensor is built."""
-        if not _positive_int(self.rank):
+        if not positive_int(self.rank):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.tied, bool):
             raise ValueError(f"tied must be true or false, got {self.tied!r}")
@@ -58,7 +55,7 @@ def matched_rank(vocab_size: int, n_embd: int, target_params: int, tied: bool = 
     """The rank (1 to n_embd) whose head has the parameter count closest to `target_params` (the lower on a tie),
     e.g. a backward-attention head's `parameter_count`, so the two kinds compare at equal size."""
     for name, value in (("vocab_size", vocab_size), ("n_embd", n_embd), ("target_params", target_params)):
-        if not _positive_int(value):
+        if not positive_int(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     per_rank = LowRankConfig(tied=tied).per_rank(vocab_size, n_embd)
     low = min(n_embd, max(1, (target_params - 1) // per_rank))
@@ -74,8 +71,7 @@ class LowRankHead(HeadModule):
         super().__init__()
         config = config or LowRankConfig()
         config.validate()
-        if vocab_size < 1 or n_embd < 1:
-            raise ValueError(f"vocab_size and n_embd must be positive, got {vocab_size} and {n_embd}")
+        check_base_shape(vocab_size, n_embd)
         config.parameter_count(vocab_size, n_embd)  # the rank bound, before anything is allocated
         self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
         self.down = nn.Linear(n_embd, config.rank, bias=False)  # A: weight (r, D)

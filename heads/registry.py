@@ -24,6 +24,17 @@ class HeadConfig(Protocol):
         """Parameters the config implies on a (V, D) base; ValueError past the kind's size bounds."""
 
 
+def positive_int(value: object) -> bool:
+    """A config field's integer check: JSON's true is an int to Python, and never a valid width."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_base_shape(vocab_size: int, n_embd: int) -> None:
+    """Every kind's constructor refuses a base shape that cannot be, before it allocates anything."""
+    if vocab_size < 1 or n_embd < 1:
+        raise ValueError(f"vocab_size and n_embd must be positive, got {vocab_size} and {n_embd}")
+
+
 class HeadModule(nn.Module, ABC):
     """The head contract (DESIGN.md): all that training, storage and serving may ask of a head of any kind.
 
