@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "need --label-word unless the head records its labels)")
     cls.add_argument("--label-word", action="append", dest="label_words", help="score this word's first token "
                      "(repeatable, at least two; include the leading space a plain prompt's next word has)")
+    cls.add_argument("--truncate", action="store_true", help="a text past the server's prompt limit keeps its last "
+                     "tokens (as training cut it) instead of being refused")
     cls.add_argument("--json", action="store_true", help="print the full response as JSON")
 
     reg = commands.add_parser("register", help="upload a head folder (head_config.json + head.safetensors)")
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace, client: HeadserveClient) -> None:
             print(result.text)
     elif args.command == "classify":
         texts = args.texts[0] if len(args.texts) == 1 else args.texts
-        classified = client.classify(texts, args.head, label_words=args.label_words)
+        classified = client.classify(texts, args.head, label_words=args.label_words, truncate=args.truncate)
         print(json.dumps(dataclasses.asdict(classified), indent=2) if args.json
               else format_classification(classified, args.texts))
     elif args.command == "register":

@@ -110,14 +110,16 @@ def _generate_body(prompt: str, head: str | None = None, *, max_new_tokens: int 
     return body
 
 
-def _classify_call(text: str | Sequence[str], head: str | None,
-                   label_words: Sequence[str] | None) -> _Call[ClassifyResult]:
+def _classify_call(text: str | Sequence[str], head: str | None, label_words: Sequence[str] | None,
+                   truncate: bool) -> _Call[ClassifyResult]:
     """`POST /classify`: one text (a str) or several (any other sequence of str), in one request."""
     body: dict[str, Any] = {"text": text} if isinstance(text, str) else {"texts": list(text)}
     if head is not None:
         body["head"] = head
     if label_words is not None:
         body["label_words"] = list(label_words)
+    if truncate:
+        body["truncate"] = True
     return _Call("POST", "/classify", lambda r: ClassifyResult.from_json(r.json()), json=body)
 
 
@@ -256,10 +258,11 @@ class HeadserveClient(_ClientBase):
             raise self._transport_error(e) from e
 
     def classify(self, text: str | Sequence[str], head: str | None = None, *,
-                 label_words: Sequence[str] | None = None) -> ClassifyResult:
+                 label_words: Sequence[str] | None = None, truncate: bool = False) -> ClassifyResult:
         """Label probabilities of one text (a str) or several (a list), with a classifier head, or with a
-        generative head (or the base: `head` None) scored on `label_words`' first tokens."""
-        return self._send(_classify_call(text, head, label_words))
+        generative head (or the base: `head` None) scored on `label_words`' first tokens. `truncate`: a text
+        past the server's prompt limit keeps its last tokens instead of a 422."""
+        return self._send(_classify_call(text, head, label_words, truncate))
 
     def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                       replace: bool = False) -> HeadSummary:
@@ -342,8 +345,8 @@ class AsyncHeadserveClient(_ClientBase):
             raise self._transport_error(e) from e
 
     async def classify(self, text: str | Sequence[str], head: str | None = None, *,
-                       label_words: Sequence[str] | None = None) -> ClassifyResult:
-        return await self._send(_classify_call(text, head, label_words))
+                       label_words: Sequence[str] | None = None, truncate: bool = False) -> ClassifyResult:
+        return await self._send(_classify_call(text, head, label_words, truncate))
 
     async def register_head(self, head_dir: str | os.PathLike[str], name: str | None = None, *,
                             replace: bool = False) -> HeadSummary:

@@ -156,6 +156,7 @@ class Classification:
     prompt_tokens: int
     queue_s: float  # accepted -> the engine step that scored it began
     total_s: float  # accepted -> scored
+    truncated: bool = False  # its first tokens were dropped to fit the server's limit (classify(truncate=True))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Classification:
@@ -163,7 +164,8 @@ class Classification:
         return cls(label=str(data["label"]), probability=float(data["probability"]),
                    probabilities={str(p["label"]): float(p["probability"]) for p in data["probabilities"]},
                    prompt=str(data.get("prompt", "")), prompt_tokens=int(data.get("prompt_tokens", 0)),
-                   queue_s=float(timings.get("queue_s", 0.0)), total_s=float(timings.get("total_s", 0.0)))
+                   queue_s=float(timings.get("queue_s", 0.0)), total_s=float(timings.get("total_s", 0.0)),
+                   truncated=bool(data.get("truncated", False)))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ RESPONSE_EXAMPLE = {
         "probabilities": [{"label": "negative", "probability": 0.07}, {"label": "positive", "probability": 0.93}],
         "prompt": f"Review: {EXAMPLE_REVIEW}\nSentiment:",
         "prompt_tokens": 12,
+        "truncated": False,
         "timings": {"queue_s": 0.001, "total_s": 0.02},
     }],
 }
@@ -58,6 +59,9 @@ class ClassifyRequest(Strict):
     # Score a generative head (or the base) on these words' first tokens; tokenised as given, so include the
     # leading space the prompt's next word would have (" positive" after "Sentiment:" for GPT-2's BPE).
     label_words: list[LabelWord] | None = Field(default=None, min_length=2, max_length=MAX_LABELS)
+    # A prompt past the server's token limit keeps its last tokens (the template's end, which the head reads
+    # last), as training.fit cuts its training texts; false: such a text is a 422.
+    truncate: bool = False
 
     @model_validator(mode="after")
     def _one_kind_of_text(self) -> ClassifyRequest:
@@ -85,8 +89,9 @@ class Classification(BaseModel):
     label: str  # the most probable label (the first in label order on a tie)
     probability: float  # its probability
     probabilities: list[LabelProbability]  # every label, in label order (the response's `labels`), not sorted
-    prompt: str  # the text as the base read it: formatted with the head's prompt template
+    prompt: str  # the text as the base read it: formatted with the head's prompt template (what was kept of it)
     prompt_tokens: int
+    truncated: bool  # its first tokens were dropped to fit the limit (only with `truncate`)
     timings: ClassifyTimings
 
 

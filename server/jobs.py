@@ -74,13 +74,14 @@ def check_prompt_chars(length: int, runtime: Runtime) -> None:
 
 
 def format_prompt(prompt: str | tuple[ChatMessage, ...], style: PromptStyle, head: str | None,
-                  runtime: Runtime) -> tuple[str, PromptFormat]:
-    """The text to tokenise and how: a problem in its style (bounded before it is built), or chat messages
-    rendered with the base's chat template (their size bounded by the request schema)."""
+                  runtime: Runtime, *, bounded: bool = True) -> tuple[str, PromptFormat]:
+    """The text to tokenise and how: a problem in its style (bounded before it is built, unless the caller
+    bounds it itself), or chat messages rendered with the base's chat template (bounded by the request schema)."""
     tokenizer = runtime.base.tokenizer
     if isinstance(prompt, tuple):
         return render_chat(prompt, tokenizer), "chat"
-    check_prompt_chars(style.filled_length(len(prompt)), runtime)
+    if bounded:
+        check_prompt_chars(style.filled_length(len(prompt)), runtime)
     try:
         return style.text(prompt, tokenizer), style.format
     except NoChatTemplateError:

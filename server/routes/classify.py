@@ -34,7 +34,7 @@ from server.classify_schemas import (
 from server.engine import Engine
 from server.errors import ClientDisconnectedError, HeadKindError, HeadUnavailableError, InvalidRequestError
 from server.head_cache import LoadedHead
-from server.jobs import REPLAN_TRIES, check_prompt_chars, format_prompt
+from server.jobs import REPLAN_TRIES, format_prompt
 from server.schemas import BASE_LABEL
 from server.sequence import JobResult, Pending, Settle
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head
@@ -68,7 +68,7 @@ async def classify(body: Annotated[ClassifyRequest, Body(openapi_examples=REQUES
     # replaced in between, the version loaded decides: planned again from its metadata.
     for _ in range(REPLAN_TRIES):
         plan = plan_for(body, meta, runtime)
-        prompts, prompt_ids = await _prompts(texts, plan.style, body.head, runtime)
+        prompts, prompt_ids, truncated = await _prompts(texts, plan.style, body.head, runtime, body.truncate)
         loaded = await _load(body.head, runtime)
         if loaded is None or _plans_alike(loaded.meta, meta):
             break
@@ -82,8 +82,8 @@ async def classify(body: Annotated[ClassifyRequest, Body(openapi_examples=REQUES
     return ClassifyResponse(
         head=body.head, method=plan.method, labels=list(scorer.labels),
         label_token_ids=list(scorer.token_ids) if isinstance(scorer, Verbalizer) else None,
-        results=[_classification(scorer.labels, result, prompt, len(ids))
-                 for result, prompt, ids in zip(results, prompts, prompt_ids, strict=True)])
+        results=[_classification(scorer.labels, result, prompt, len(ids), cut)
+                 for result, prompt, ids, cut in zip(results, prompts, prompt_ids, truncated, strict=True)])
 
 
 def plan_for(body: ClassifyRequest, meta: HeadMetadata | None, runtime: Runtime) -> Plan:
@@ -110,24 +110,41 @@ def plan_for(body: ClassifyRequest, meta: HeadMetadata | None, runtime: Runtime)
                         "only by label words: send label_words (at least two)")
 
 
-async def _prompts(texts: list[str], style: PromptStyle, head: str | None,
-                   runtime: Runtime) -> tuple[list[str], list[list[int]]]:
-    """Each text formatted as the head was trained (bounded before it is built) and tokenised off the loop."""
-    formatted = []
-    for text in texts:
-        prompt, _ = format_prompt(text, style, head, runtime)  # a text is formatted in the head's own format
-        check_prompt_chars(len(prompt), runtime)
+async def _prompts(texts: list[str], style: PromptStyle, head: str | None, runtime: Runtime,
+                   truncate: bool) -> tuple[list[str], list[list[int]], list[bool]]:
+    """Each text formatted as the head was trained (bounded before it is built) and tokenised off the loop.
+
+    With `truncate`, a prompt past the token limit keeps its last tokens, as training.fit cuts training texts.
+    Its text is first cut to the last characters those tokens could span (twice over, so that the cut, which
+    may split a word, lies in tokens that are dropped), so a huge text costs no more to tokenise than a long one."""
+    limit, char_limit, formatted = runtime.prompt_token_limit, runtime.prompt_char_limit, []
+    hint = "(send truncate: true to keep its last tokens)"
+    for i, text in enumerate(texts):
+        where = f"text {i}" if len(texts) > 1 else "the text"
+        if truncate:
+            text = text[-2 * char_limit:]
+        elif (chars := style.filled_length(len(text))) > char_limit:
+            raise InvalidRequestError(f"{where} is {chars} characters once formatted; no prompt longer than "
+                                      f"{char_limit} characters fits the limit of {limit} tokens {hint}")
+        prompt, _ = format_prompt(text, style, head, runtime, bounded=False)
+        if not truncate and len(prompt) > char_limit:  # a chat template's own text counts too
+            raise InvalidRequestError(f"{where} is {len(prompt)} characters once formatted; no prompt longer than "
+                                      f"{char_limit} characters fits the limit of {limit} tokens {hint}")
         formatted.append(prompt)
     tokenizer = runtime.base.tokenizer
     ids = await run_in_threadpool(lambda: [encode(p, tokenizer, style.format) for p in formatted])
+    truncated = [False] * len(ids)
     for i, prompt_ids in enumerate(ids):
         where = f"text {i}" if len(ids) > 1 else "the text"
         if not prompt_ids:
             raise InvalidRequestError(f"{where} encodes to no tokens")
-        if len(prompt_ids) > runtime.prompt_token_limit:
-            raise InvalidRequestError(f"{where} is {len(prompt_ids)} tokens once formatted; the limit is "
-                                      f"{runtime.prompt_token_limit}")
-    return formatted, ids
+        if len(prompt_ids) > limit:
+            if not truncate:
+                raise InvalidRequestError(f"{where} is {len(prompt_ids)} tokens once formatted; the limit is {limit} "
+                                          f"{hint}")
+            ids[i], truncated[i] = prompt_ids[-limit:], True
+            formatted[i] = tokenizer.decode(ids[i])
+    return formatted, ids, truncated
 
 
 def _plans_alike(loaded: HeadMetadata, planned: HeadMetadata | None) -> bool:
@@ -156,14 +173,15 @@ def _scorer(plan: Plan, head: str | None, loaded: LoadedHead | None) -> Scorer:
                       else "last")
 
 
-def _classification(labels: tuple[str, ...], result: ClassifyResult, prompt: str, tokens: int) -> Classification:
+def _classification(labels: tuple[str, ...], result: ClassifyResult, prompt: str, tokens: int,
+                    truncated: bool) -> Classification:
     probabilities = result.probabilities
     top = max(range(len(labels)), key=probabilities.__getitem__)  # the first of equals
     return Classification(
         label=labels[top], probability=probabilities[top],
         probabilities=[LabelProbability(label=name, probability=p) for name, p in zip(labels, probabilities,
                                                                                         strict=True)],
-        prompt=prompt, prompt_tokens=tokens,
+        prompt=prompt, prompt_tokens=tokens, truncated=truncated,
         timings=ClassifyTimings(queue_s=result.started_at - result.accepted_at,
                                 total_s=result.finished_at - result.accepted_at))
 

@@ -359,3 +359,24 @@ def test_a_classification_whose_prompt_breaks_the_forward_fails_alone(base: Base
     failed = engine.metrics.registry.get_sample_value("headserve_failed_requests_total",
                                                       {"head": "sent-last", "reason": "forward"})
     assert failed == 1
+
+
+def test_truncate_keeps_a_long_texts_last_tokens_as_training_cuts_them(client: TestClient, base: Base,
+                                                                        heads: dict[str, Any]) -> None:
+    limit = client.app.state.runtime.prompt_token_limit  # type: ignore[attr-defined]
+    long_text = " ".join([TEXTS[1]] * 400) + " but the ending is " + TEXTS[0]
+    refused = client.post("/classify", json={"head": "sent-last", "text": long_text})
+    assert refused.status_code == 422 and "truncate: true" in refused.json()["detail"]
+    body = classify(client, head="sent-last", texts=[TEXTS[0], long_text], truncate=True)
+    short, cut = body["results"]
+    assert short["truncated"] is False and short["prompt"] == TEMPLATE.replace("{problem}", TEXTS[0])
+    assert cut["truncated"] is True and cut["prompt_tokens"] == limit
+    full_ids = base.tokenizer(TEMPLATE.replace("{problem}", long_text))["input_ids"]
+    kept = full_ids[-limit:]  # training.classify_data.truncate_prompt: the last tokens, the template's end included
+    assert cut["prompt"] == base.tokenizer.decode(kept) and cut["prompt"].endswith("Sentiment:")
+    with torch.no_grad():
+        expected = torch.softmax(heads["sent-last"](base.hidden_states(torch.tensor([kept])).last_hidden_state), -1)[0]
+    torch.testing.assert_close(torch.tensor(probabilities(body)[1]), expected, atol=1e-5, rtol=1e-5)
+    http = HeadserveClient(http=client)  # type: ignore[arg-type]
+    assert http.classify(long_text, "sent-last", truncate=True).results[0].truncated
+    run(build_parser().parse_args(["classify", "--head", "sent-last", "--truncate", long_text]), http)
