@@ -30,3 +30,22 @@ def read_at(folder_fd: int, name: str) -> bytes:
         return os.read(fd, 64)
     finally:
         os.close(fd)
+
+
+def read_once(folder: Path, problems: list[str]) -> bytes | None:
+    """Open the folder by name and read one version through it, as a reader racing writers does: a missing
+    name or two files that disagree is a problem (recorded); an old version removed after its swap is None."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # the name: must always be there
+    except FileNotFoundError:
+        problems.append("the name was missing")
+        return None
+    try:  # one version's files, through the folder we opened
+        a, b = (read_at(fd, part) for part in "ab")
+    except FileNotFoundError:
+        return None  # an old version, removed after its swap: a reader looks again
+    finally:
+        os.close(fd)
+    if a != b:
+        problems.append(f"half-written: {a!r} != {b!r}")
+    return a

@@ -3,7 +3,6 @@ leaves is cleaned at start-up, and a live writer's folder is never taken for a l
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 
 import heads.folders as folders
 from heads.folders import recover, retire, staged, write_file_atomic
-from tests.unit.folder_versions import read_at, version_of, write_version
+from tests.unit.folder_versions import read_once, version_of, write_version
 
 FOLDERS_PY = Path(folders.__file__)
 
@@ -56,20 +55,9 @@ def test_readers_never_see_a_replaced_name_missing_or_half_written(tmp_path: Pat
 
     def read() -> None:
         while not stop.is_set():
-            try:
-                fd = os.open(tmp_path / "h", os.O_RDONLY | os.O_DIRECTORY)  # the name: must always be there
-            except FileNotFoundError:
-                problems.append("the name was missing")
-                continue
-            try:  # one version's files, through the folder we opened
-                a, b = (read_at(fd, part) for part in "ab")
-            except FileNotFoundError:
-                continue  # an old version, removed after its swap: a reader looks again
-            finally:
-                os.close(fd)
-            if a != b:
-                problems.append(f"half-written: {a!r} != {b!r}")
-            seen.add(a)
+            version = read_once(tmp_path / "h", problems)
+            if version is not None:
+                seen.add(version)
 
     readers = [threading.Thread(target=read) for _ in range(2)]
     for r in readers:

@@ -16,7 +16,7 @@ import pytest
 
 import heads.folders as folders
 from heads.folders import LOCK_FILE, mount_type, recover, retire, staged, swap_in
-from tests.unit.folder_versions import read_at, version_of, write_version
+from tests.unit.folder_versions import read_once, version_of, write_version
 
 MOUNTINFO = "\n".join([
     "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw",
@@ -76,19 +76,7 @@ def test_racing_writers_and_recovery_leave_one_whole_version_and_no_leftovers(tm
     def recovering() -> None:
         while not stop.is_set():
             recover(tmp_path)
-            try:
-                fd = os.open(tmp_path / "h", os.O_RDONLY | os.O_DIRECTORY)  # the name: must always be there
-            except FileNotFoundError:
-                problems.append("the name was missing")
-                continue
-            try:  # one version's files, through the folder we opened
-                a, b = (read_at(fd, part) for part in "ab")
-            except FileNotFoundError:
-                continue  # an old version, removed after its swap
-            finally:
-                os.close(fd)
-            if a != b:
-                problems.append(f"half-written: {a!r} != {b!r}")
+            read_once(tmp_path / "h", problems)
 
     watcher = threading.Thread(target=recovering)
     watcher.start()
