@@ -180,6 +180,13 @@ function describeDecoding(d) {
 }
 
 // --- the columns ---
+/** A failed answer as one line: its status and the server's `detail` (a string, or validation errors as JSON). */
+async function errorSummary(response) {
+  const error = await response.json().catch(() => ({ detail: response.statusText }));
+  const detail = typeof error.detail === "string" ? error.detail : JSON.stringify(error.detail);
+  return `error ${response.status}: ${detail}`;
+}
+
 function setSummary(text, isError = false) {
   $("#summary").textContent = text;
   $("#summary").classList.toggle("error", isError);
@@ -272,9 +279,7 @@ async function generate(submitEvent) {
       signal: controller.signal,
     });
     if (!response.ok) {
-      const error = await response.json().catch(() => ({ detail: response.statusText }));
-      const detail = typeof error.detail === "string" ? error.detail : JSON.stringify(error.detail);
-      setSummary(`error ${response.status}: ${detail}`, true);
+      setSummary(await errorSummary(response), true);
       return;
     }
     const reader = response.body.getReader();

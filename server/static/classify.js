@@ -1,7 +1,7 @@
 // The page's classify mode: pick a head that can classify, type a text, see one bar per label from POST /classify.
 // A classifier head brings its own labels; a generative head (or the base) is scored on label words, which a
 // verbalizer head may leave out (it records its labels). Loaded after app.js, whose helpers ($, state,
-// setSummary, updateButtons) it uses; app.js calls fillClassifyHeads with the registry's ready heads.
+// setSummary, errorSummary, updateButtons) it uses; app.js calls fillClassifyHeads with the registry's ready heads.
 "use strict";
 
 const classifyHeads = new Map(); // option value -> the head's summary (null: the base)
@@ -100,13 +100,11 @@ async function classify(submitEvent) {
     const response = await fetch("/classify", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(classifyBody()),
     });
-    const body = await response.json().catch(() => ({ detail: response.statusText }));
     if (!response.ok) {
-      const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
-      setSummary(`error ${response.status}: ${detail}`, true);
+      setSummary(await errorSummary(response), true);
       return;
     }
-    showLabels(body);
+    showLabels(await response.json());
   } catch (error) {
     setSummary(`request failed: ${error.message}`, true);
   } finally {
