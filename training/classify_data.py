@@ -16,7 +16,7 @@ from typing import Any
 
 from heads.classifier import check_labels, verbalizer_ids
 from heads.prompts import PromptStyle
-from training.data import DataError, EncodeStats, Example, LoadStats, read_rows
+from training.data import DataError, EncodeStats, Example, LoadStats, collect_rows
 
 CLASSIFY_TEMPLATE = "Review: {problem}\nSentiment:"  # what classification heads are trained with unless told
 
@@ -30,31 +30,21 @@ class Labelled:
 def load_labelled(source: str, split: str = "train", limit: int | None = None,
                   num_labels: int | None = None) -> tuple[list[Labelled], LoadStats]:
     """The rows with a non-empty text and an integer label (in [0, num_labels) when that is known)."""
-    stats = LoadStats()
-    rows: list[Labelled] = []
-    for row in read_rows(str(source), split):
-        if limit is not None and len(rows) >= limit:
-            break
-        stats.rows += 1
-        if not isinstance(row, dict):
-            stats.skip("malformed row")
-            continue
+    def labelled(row: dict[str, Any], stats: LoadStats) -> Labelled | None:
         text, label = row.get("text"), row.get("label")
         if text is None or label is None:
             stats.skip("missing field")
-            continue
-        if not isinstance(text, str) or not text.strip():
+        elif not isinstance(text, str) or not text.strip():
             stats.skip("empty text")
-            continue
-        if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+        elif not isinstance(label, int) or isinstance(label, bool) or label < 0:
             stats.skip("label not a non-negative integer")
-            continue
-        if num_labels is not None and label >= num_labels:
+        elif num_labels is not None and label >= num_labels:
             stats.skip("label out of range")
-            continue
-        rows.append(Labelled(text.strip(), label))
-    stats.kept = len(rows)
-    return rows, stats
+        else:
+            return Labelled(text.strip(), label)
+        return None
+
+    return collect_rows(source, split, limit, labelled)
 
 
 def split_list(arg: str, what: str) -> list[str]:

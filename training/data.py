@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from heads.prompts import TRAINING_PROMPT_TEMPLATE, PromptStyle
 from heads.prompts import encode as encode_text
+
+T = TypeVar("T")  # what collect_rows keeps of a row
 
 COLUMNS = ("problem", "generated_solution", "expected_answer")
 PROMPT_TEMPLATE = TRAINING_PROMPT_TEMPLATE  # owned by heads.prompts; named here for training's callers
@@ -129,27 +131,40 @@ def read_rows(source: str, split: str) -> Iterator[Any]:
     raise DataError(f"{source}: no such file or folder")
 
 
-def load_examples(source: str, split: str = "train", limit: int | None = None) -> tuple[list[Example], LoadStats]:
+def collect_rows(source: str, split: str, limit: int | None,
+                 parse: Callable[[dict[str, Any], LoadStats], T | None]) -> tuple[list[T], LoadStats]:
+    """The rows `parse` keeps (at most `limit`), counting every row read and why each other was skipped: a
+    bad row is never fatal. `parse` gets each dict row and returns its item, or None after `stats.skip(...)`."""
     stats = LoadStats()
-    examples: list[Example] = []
+    kept: list[T] = []
     for row in read_rows(str(source), split):
-        if limit is not None and len(examples) >= limit:
+        if limit is not None and len(kept) >= limit:
             break
         stats.rows += 1
         if not isinstance(row, dict):
             stats.skip("malformed row")
             continue
-        values = [row.get(c) for c in COLUMNS]
-        if any(v is None for v in values):
-            stats.skip("missing field")
-            continue
-        problem, solution, answer = (str(v).strip() for v in values)
-        if not problem or not solution or not answer:
-            stats.skip("empty field")
-            continue
-        examples.append(Example(problem, solution, answer))
-    stats.kept = len(examples)
-    return examples, stats
+        item = parse(row, stats)
+        if item is not None:
+            kept.append(item)
+    stats.kept = len(kept)
+    return kept, stats
+
+
+def _example(row: dict[str, Any], stats: LoadStats) -> Example | None:
+    values = [row.get(c) for c in COLUMNS]
+    if any(v is None for v in values):
+        stats.skip("missing field")
+        return None
+    problem, solution, answer = (str(v).strip() for v in values)
+    if not problem or not solution or not answer:
+        stats.skip("empty field")
+        return None
+    return Example(problem, solution, answer)
+
+
+def load_examples(source: str, split: str = "train", limit: int | None = None) -> tuple[list[Example], LoadStats]:
+    return collect_rows(source, split, limit, _example)
 
 
 @dataclass
