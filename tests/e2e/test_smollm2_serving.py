@@ -10,6 +10,7 @@ skipped with that reason.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +97,22 @@ def test_generate_formats_a_chat_head_like_the_chat_api(server: Server, oai: ope
     with server.client() as client:
         result = client.generate(QUESTION[0]["content"], head=head, max_new_tokens=NEW_TOKENS)
     assert result.text == chat.choices[0].message.content and result.head == head
+
+
+@pytest.mark.parametrize(("head", "data"), [("sentiment-sst", "sst"), ("sentiment-cfimdb", "cfimdb")])
+def test_the_committed_sentiment_heads_classify_as_their_report_says(server: Server, head: str, data: str) -> None:
+    """The served head's labels for the first dev texts are the committed report's predictions (the
+    evaluation's pooled states and the engine's prefill agree)."""
+    report = json.loads((REPO_ROOT / "reports" / "sentiment" / data / "report.json").read_text())
+    row = next(r for r in report["rows"] if r["name"] == head)
+    dev = REPO_ROOT.parent / "shared" / "data" / data / "dev.jsonl"
+    if not dev.is_file():
+        pytest.skip(f"no {dev}: the shared data sets sit beside the checkout")
+    texts = [json.loads(line)["text"] for line in dev.read_text().splitlines()[:8]]
+    with server.client() as client:
+        result = client.classify(texts, head)
+    assert result.method == "classifier" and result.labels == row["labels"]
+    assert [r.label for r in result.results] == [row["labels"][i] for i in row["predictions"][:8]]
 
 
 def test_the_page_works_unchanged_on_smollm2(server: Server) -> None:
