@@ -58,6 +58,7 @@ function classifyBody() {
   if (head) body.head = head.name;
   const words = labelWords();
   if (!(head && head.generative === false) && words.length) body.label_words = words;
+  if ($("#classify-truncate").checked) body.truncate = true;
   return body;
 }
 
@@ -78,7 +79,8 @@ function showLabels(response) {
     row.insertCell().append(bar);
     row.insertCell().textContent = probability.toFixed(3);
   }
-  $("#classify-prompt").textContent = result.prompt;
+  $("#classify-prompt").textContent = (result.truncated ? "[start cut to fit the prompt limit] " : "")
+    + result.prompt;
   $("#classify-sent").hidden = false;
   const how = response.method === "classifier" ? "classifier head" : "label tokens";
   setSummary(`classified: ${JSON.stringify(result.label)} (p = ${result.probability.toFixed(3)}, ${how}) in `

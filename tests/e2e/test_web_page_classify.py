@@ -113,3 +113,19 @@ def test_label_words_reach_the_server_and_a_refusal_shows_its_reason(page: Any, 
     assert [row.split("\t")[0].strip() for row in rows(page)] == ['"the"', '"apples"']
     page.check('input[name="mode"][value="generate"]')
     assert page.locator("#form").is_visible() and page.locator("#classify-form").is_hidden()
+
+
+def test_a_long_text_is_refused_unless_truncate_is_checked(page: Any) -> None:
+    page.check('input[name="mode"][value="classify"]')
+    page.select_option("#classify-head", "sentiment")
+    page.fill("#classify-text", "so long " * 400 + "and fine.")
+    page.uncheck("#classify-truncate")
+    assert "truncate" not in classify(page)
+    assert page.locator("#summary").inner_text().startswith("error 422") and "truncate: true" in page.locator(
+        "#summary").inner_text()
+    page.check("#classify-truncate")
+    assert classify(page)["truncate"] is True
+    assert page.locator("#summary").inner_text().startswith("classified")
+    shown = page.locator("#classify-prompt").inner_text()
+    assert shown.startswith("[start cut to fit the prompt limit]") and shown.endswith("and fine.\nSentiment:")
+    page.uncheck("#classify-truncate")
