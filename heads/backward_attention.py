@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.registry import HeadModule, check_base_shape, positive_int, register_head
+from heads.registry import HeadModule, positive_int, register_head
 
 WEIGHTINGS = ("logits", "probs")
 MAX_WIDTH_PER_EMBD = 4  # latent_dim and num_heads * head_dim may be at most this many times the base's width
@@ -99,10 +99,7 @@ class BackwardAttentionHead(HeadModule):
     def __init__(self, config: BackwardAttentionConfig | None = None, *, vocab_size: int, n_embd: int) -> None:
         super().__init__()
         config = config or BackwardAttentionConfig()
-        config.validate()
-        check_base_shape(vocab_size, n_embd)
-        config.parameter_count(vocab_size, n_embd)  # a head too big to serve is refused before it is built
-        self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
+        self._take_config(config, vocab_size, n_embd)
         latent, self.head_dim, inner = config.widths(n_embd)  # L, d, H*d
         self.norm = RMSNorm(n_embd, config.eps)
         self.latent = nn.Linear(n_embd, latent, bias=False) if config.latent_dim else None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.registry import HeadModule, check_base_shape, positive_int, register_head
+from heads.registry import HeadModule, positive_int, register_head
 
 POOLINGS = ("last", "mean")
 MIN_LABELS, MAX_LABELS = 2, 1000  # a classifier chooses between at least two labels; 1000 bounds config and answer
@@ -140,10 +140,7 @@ class ClassifierHead(HeadModule):
     def __init__(self, config: ClassifierConfig | None = None, *, vocab_size: int, n_embd: int) -> None:
         super().__init__()
         config = config or ClassifierConfig()
-        config.validate()
-        check_base_shape(vocab_size, n_embd)
-        config.parameter_count(vocab_size, n_embd)  # the hidden-layer bound, before anything is allocated
-        self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
+        self._take_config(config, vocab_size, n_embd)
         classes = len(config.labels)
         # A linear map (the course's "last linear layer"), or one hidden layer with a GELU before it.
         self.hidden = nn.Linear(n_embd, config.hidden_dim) if config.hidden_dim else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from heads.registry import HeadModule, check_base_shape, register_head
+from heads.registry import HeadModule, register_head
 
 
 @dataclass
@@ -30,9 +30,7 @@ class LinearHead(HeadModule):
     def __init__(self, config: LinearConfig | None = None, *, vocab_size: int, n_embd: int) -> None:
         super().__init__()
         config = config or LinearConfig()
-        config.validate()
-        check_base_shape(vocab_size, n_embd)
-        self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
+        self._take_config(config, vocab_size, n_embd)
         self.proj = nn.Linear(n_embd, vocab_size, bias=config.bias)
         nn.init.normal_(self.proj.weight, std=0.02)
         if self.proj.bias is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from heads.registry import HeadModule, check_base_shape, positive_int, register_head
+from heads.registry import HeadModule, positive_int, register_head
 
 PREPARE_ROWS = 8192  # vocabulary rows per product in prepare(): bounds the float32 copy of a half-precision E
 
@@ -70,10 +70,7 @@ class LowRankHead(HeadModule):
     def __init__(self, config: LowRankConfig | None = None, *, vocab_size: int, n_embd: int) -> None:
         super().__init__()
         config = config or LowRankConfig()
-        config.validate()
-        check_base_shape(vocab_size, n_embd)
-        config.parameter_count(vocab_size, n_embd)  # the rank bound, before anything is allocated
-        self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
+        self._take_config(config, vocab_size, n_embd)
         self.down = nn.Linear(n_embd, config.rank, bias=False)  # A: weight (r, D)
         self.up = nn.Linear(config.rank, n_embd if config.tied else vocab_size, bias=False)  # B: (D, r) or (V, r)
         self.alpha = nn.Parameter(torch.ones(()))  # scale of the base's logits, as the residual of backward attention

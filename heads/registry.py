@@ -51,6 +51,14 @@ class HeadModule(nn.Module, ABC):
     vocab_size: int  # V of the base the head was built for
     n_embd: int  # D of the base the head was built for
 
+    def _take_config(self, config: HeadConfig, vocab_size: int, n_embd: int) -> None:
+        """Every kind's constructor starts here: the config valid, the base's shape possible and the kind's size
+        bounds kept (a head too big to serve is refused before anything is allocated), then both recorded."""
+        config.validate()
+        check_base_shape(vocab_size, n_embd)
+        config.parameter_count(vocab_size, n_embd)
+        self.config, self.vocab_size, self.n_embd = config, vocab_size, n_embd
+
     @abstractmethod
     def forward(self, hidden: Tensor, embeddings: Tensor) -> Tensor:
         """(B, T, D) final hidden states and the base's (V, D) embeddings -> (B, T, V) logits."""
