@@ -18,6 +18,7 @@ import asyncio
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from starlette.types import Receive
 
@@ -26,6 +27,8 @@ from server.engine import Engine
 from server.errors import ClientDisconnectedError
 from server.schemas import FinishReason
 from server.sequence import Detokenizer, GenerationJob, JobResult, Pending, Sequence, Settle
+
+T = TypeVar("T")
 
 MAIN_DECODER = "main"  # the `decoder` of a job's answer in stream events; comparisons keep their names
 
@@ -163,18 +166,24 @@ async def results_unless_disconnected(stream: JobStream, receive: Receive) -> li
     """Every job's result, unless the client disconnects first (ASGI `receive` answers `http.disconnect`
     once the request body has been read): then the stream is closed, the engine frees its slots before
     its next step (and counts the request abandoned), and ClientDisconnectedError is raised."""
-    results = asyncio.ensure_future(stream.results())
+    return await unless_disconnected(asyncio.ensure_future(stream.results()), receive, stream.close)
+
+
+async def unless_disconnected(work: asyncio.Future[T], receive: Receive, abandon: Callable[[], None]) -> T:
+    """`work`'s result, unless the client disconnects first: then `work` is cancelled, `abandon` tells the
+    engine to drop what it has not run yet, and ClientDisconnectedError is raised."""
     gone = asyncio.ensure_future(_disconnected(receive))
+    either: set[asyncio.Future[Any]] = {work, gone}
     try:
-        await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if results.done():
-            return results.result()
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
         raise ClientDisconnectedError("the client disconnected before its answer was ready")
     finally:
         gone.cancel()
-        if not results.done():
-            results.cancel()
-            stream.close()
+        if not work.done():
+            work.cancel()
+            abandon()
 
 
 async def _disconnected(receive: Receive) -> None:

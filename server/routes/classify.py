@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Request
 from starlette.concurrency import run_in_threadpool
@@ -32,12 +32,13 @@ from server.classify_schemas import (
     LabelProbability,
 )
 from server.engine import Engine
-from server.errors import ClientDisconnectedError, HeadKindError, HeadUnavailableError, InvalidRequestError
+from server.errors import HeadKindError, HeadUnavailableError, InvalidRequestError
 from server.head_cache import LoadedHead
 from server.jobs import REPLAN_TRIES, format_prompt
 from server.schemas import BASE_LABEL
 from server.sequence import JobResult, Pending, Settle
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head
+from server.streaming import unless_disconnected
 
 router = APIRouter(tags=["classify"])
 
@@ -199,18 +200,7 @@ async def classify_all(engine: Engine, jobs: list[ClassifyJob], receive: Receive
         gone.set()  # the texts already queued must not run for nobody
         raise
     results = asyncio.ensure_future(asyncio.gather(*futures, return_exceptions=True))
-    disconnected = asyncio.ensure_future(_disconnected(receive))
-    try:
-        either: set[asyncio.Future[Any]] = {results, disconnected}
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not results.done():
-            raise ClientDisconnectedError("the client disconnected before its answer was ready")
-    finally:
-        disconnected.cancel()
-        if not results.done():
-            gone.set()
-            results.cancel()
-    outcomes = results.result()
+    outcomes = await unless_disconnected(results, receive, gone.set)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
@@ -233,8 +223,3 @@ def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future[ClassifyResu
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
     return settle
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass  # nothing else can arrive once the body is read
