@@ -308,9 +308,10 @@ async function generate(submitEvent) {
 }
 
 // --- the token panel: probability and alternatives, for mouse, touch and keyboard alike ---
-function addAlternative(table, text, p, chosen) {
-  const row = table.tBodies[0].insertRow();
-  row.classList.toggle("chosen", chosen);
+/** One probability row (the token panel's alternatives, the classify mode's labels): the text as JSON, a bar
+ * as wide as p, and `shown` in the last cell. */
+function probabilityRow(tbody, text, p, shown) {
+  const row = tbody.insertRow();
   const code = document.createElement("code");
   code.textContent = JSON.stringify(text);
   const bar = document.createElement("span");
@@ -319,7 +320,13 @@ function addAlternative(table, text, p, chosen) {
   bar.style.setProperty("--w", `${(p * 100).toFixed(1)}%`);
   row.insertCell().append(code);
   row.insertCell().append(bar);
-  row.insertCell().textContent = `${p.toFixed(3)}${chosen ? " (chosen)" : ""}`;
+  row.insertCell().textContent = shown;
+  return row;
+}
+
+function addAlternative(table, text, p, chosen) {
+  const shown = `${p.toFixed(3)}${chosen ? " (chosen)" : ""}`;
+  probabilityRow(table.tBodies[0], text, p, shown).classList.toggle("chosen", chosen);
 }
 
 function showInfo(span) {

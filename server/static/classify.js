@@ -1,7 +1,7 @@
 // The page's classify mode: pick a head that can classify, type a text, see one bar per label from POST /classify.
 // A classifier head brings its own labels; a generative head (or the base) is scored on label words, which a
 // verbalizer head may leave out (it records its labels). Loaded after app.js, whose helpers ($, state,
-// setSummary, errorSummary, updateButtons) it uses; app.js calls fillClassifyHeads with the registry's ready heads.
+// setSummary, errorSummary, probabilityRow, updateButtons) it uses; app.js calls fillClassifyHeads with the registry's ready heads.
 "use strict";
 
 const classifyHeads = new Map(); // option value -> the head's summary (null: the base)
@@ -67,17 +67,7 @@ function showLabels(response) {
   const rows = $("#label-bars").tBodies[0];
   rows.replaceChildren();
   for (const { label, probability } of result.probabilities) {
-    const row = rows.insertRow();
-    row.classList.toggle("top", label === result.label);
-    const name = document.createElement("code");
-    name.textContent = JSON.stringify(label);
-    const bar = document.createElement("span");
-    bar.className = "bar";
-    bar.setAttribute("aria-hidden", "true");
-    bar.style.setProperty("--w", `${(probability * 100).toFixed(1)}%`);
-    row.insertCell().append(name);
-    row.insertCell().append(bar);
-    row.insertCell().textContent = probability.toFixed(3);
+    probabilityRow(rows, label, probability, probability.toFixed(3)).classList.toggle("top", label === result.label);
   }
   $("#classify-prompt").textContent = (result.truncated ? "[start cut to fit the prompt limit] " : "")
     + result.prompt;
