@@ -29,6 +29,7 @@ from heads.prompts import (
 from heads.registry import get_head_type
 from heads.sampling import SamplingParams
 from server.errors import HeadKindError, HeadUnavailableError, InvalidRequestError
+from server.head_cache import LoadedHead
 from server.registry import Registry
 from server.schemas import BASE_LABEL
 from server.sequence import GenerationJob
@@ -89,6 +90,12 @@ def format_prompt(prompt: str | tuple[ChatMessage, ...], style: PromptStyle, hea
                                   "has no chat template; send the prompt with raw: true") from None
 
 
+async def prepare_head(name: str, runtime: Runtime) -> LoadedHead:
+    """The head loaded and ready to run. Loads run on the head cache's own executor (never the shared thread
+    pool), shielded, so a client that goes away does not cancel a load other requests wait on."""
+    return await asyncio.shield(asyncio.wrap_future(runtime.head_cache.submit(name)))
+
+
 REPLAN_TRIES = 3  # a head replaced between its metadata read and its load is planned again, this many times at most
 
 
@@ -105,9 +112,7 @@ async def build_job(request: JobRequest, runtime: Runtime, registry: Registry) -
         if request.head is None:
             head = None
             break
-        # Loads run on the head cache's own executor (never the shared thread pool); shielded, so a
-        # client that goes away does not cancel a load other requests wait on.
-        loaded = await asyncio.shield(asyncio.wrap_future(runtime.head_cache.submit(request.head)))
+        loaded = await prepare_head(request.head, runtime)
         check_generative(request.head, loaded.meta.head_type)
         head = loaded.module
         if loaded.meta.prompt_style == style or request.raw or not isinstance(request.prompt, str):

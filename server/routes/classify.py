@@ -34,7 +34,7 @@ from server.classify_schemas import (
 from server.engine import Engine
 from server.errors import HeadKindError, HeadUnavailableError, InvalidRequestError
 from server.head_cache import LoadedHead
-from server.jobs import REPLAN_TRIES, format_prompt
+from server.jobs import REPLAN_TRIES, format_prompt, prepare_head
 from server.schemas import BASE_LABEL
 from server.sequence import JobResult, Pending, Settle
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head
@@ -70,7 +70,7 @@ async def classify(body: Annotated[ClassifyRequest, Body(openapi_examples=REQUES
     for _ in range(REPLAN_TRIES):
         plan = plan_for(body, meta, runtime)
         prompts, prompt_ids, truncated = await _prompts(texts, plan.style, body.head, runtime, body.truncate)
-        loaded = await _load(body.head, runtime)
+        loaded = await prepare_head(body.head, runtime) if body.head is not None else None
         if loaded is None or _plans_alike(loaded.meta, meta):
             break
         meta = loaded.meta
@@ -152,13 +152,6 @@ def _plans_alike(loaded: HeadMetadata, planned: HeadMetadata | None) -> bool:
     """Whether the version loaded is scored and formatted as the plan assumed (a replace may change any of it)."""
     return planned is not None and all(getattr(loaded, name) == getattr(planned, name) for name in
                                        ("head_type", "prompt_template", "prompt_format", "labels", "label_token_ids"))
-
-
-async def _load(head: str | None, runtime: Runtime) -> LoadedHead | None:
-    """The head prepared on the head cache's own thread (shielded, as /generate's loads); None for the base."""
-    if head is None:
-        return None
-    return await asyncio.shield(asyncio.wrap_future(runtime.head_cache.submit(head)))
 
 
 def _scorer(plan: Plan, head: str | None, loaded: LoadedHead | None) -> Scorer:
