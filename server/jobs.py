@@ -66,12 +66,13 @@ def check_generative(head: str | None, kind: str | None) -> None:
                             "generate; classify with it (POST /classify)")
 
 
-def check_prompt_chars(length: int, runtime: Runtime) -> None:
-    """Refuse a prompt of more characters than could fit the token limit, before tokenising it."""
+def check_prompt_chars(length: int, runtime: Runtime, what: str = "the prompt", hint: str = "") -> None:
+    """Refuse a prompt of more characters than could fit the token limit, before tokenising it (`what` names it
+    in the message, `hint` says what else the caller could send)."""
     if length > runtime.prompt_char_limit:
-        raise InvalidRequestError(f"the prompt is {length} characters once formatted; no prompt longer than "
+        raise InvalidRequestError(f"{what} is {length} characters once formatted; no prompt longer than "
                                   f"{runtime.prompt_char_limit} characters fits the limit of "
-                                  f"{runtime.prompt_token_limit} tokens")
+                                  f"{runtime.prompt_token_limit} tokens{hint}")
 
 
 def format_prompt(prompt: str | tuple[ChatMessage, ...], style: PromptStyle, head: str | None,

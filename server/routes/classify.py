@@ -34,7 +34,7 @@ from server.classify_schemas import (
 from server.engine import Engine
 from server.errors import HeadKindError, HeadUnavailableError, InvalidRequestError
 from server.head_cache import LoadedHead
-from server.jobs import REPLAN_TRIES, format_prompt, prepare_head
+from server.jobs import REPLAN_TRIES, check_prompt_chars, format_prompt, prepare_head
 from server.schemas import BASE_LABEL
 from server.sequence import JobResult, Pending, Settle
 from server.state import RegistryDep, Runtime, RuntimeDep, SettingsDep, label_head
@@ -118,19 +118,17 @@ async def _prompts(texts: list[str], style: PromptStyle, head: str | None, runti
     With `truncate`, a prompt past the token limit keeps its last tokens, as training.fit cuts training texts.
     Its text is first cut to the last characters those tokens could span (twice over, so that the cut, which
     may split a word, lies in tokens that are dropped), so a huge text costs no more to tokenise than a long one."""
-    limit, char_limit, formatted = runtime.prompt_token_limit, runtime.prompt_char_limit, []
-    hint = "(send truncate: true to keep its last tokens)"
+    limit, formatted = runtime.prompt_token_limit, []
+    hint = " (send truncate: true to keep its last tokens)"
     for i, text in enumerate(texts):
         where = f"text {i}" if len(texts) > 1 else "the text"
         if truncate:
-            text = text[-2 * char_limit:]
-        elif (chars := style.filled_length(len(text))) > char_limit:
-            raise InvalidRequestError(f"{where} is {chars} characters once formatted; no prompt longer than "
-                                      f"{char_limit} characters fits the limit of {limit} tokens {hint}")
+            text = text[-2 * runtime.prompt_char_limit:]
+        else:
+            check_prompt_chars(style.filled_length(len(text)), runtime, where, hint)
         prompt, _ = format_prompt(text, style, head, runtime, bounded=False)
-        if not truncate and len(prompt) > char_limit:  # a chat template's own text counts too
-            raise InvalidRequestError(f"{where} is {len(prompt)} characters once formatted; no prompt longer than "
-                                      f"{char_limit} characters fits the limit of {limit} tokens {hint}")
+        if not truncate:  # a chat template's own text counts too
+            check_prompt_chars(len(prompt), runtime, where, hint)
         formatted.append(prompt)
     tokenizer = runtime.base.tokenizer
     ids = await run_in_threadpool(lambda: [encode(p, tokenizer, style.format) for p in formatted])
@@ -141,7 +139,7 @@ async def _prompts(texts: list[str], style: PromptStyle, head: str | None, runti
             raise InvalidRequestError(f"{where} encodes to no tokens")
         if len(prompt_ids) > limit:
             if not truncate:
-                raise InvalidRequestError(f"{where} is {len(prompt_ids)} tokens once formatted; the limit is {limit} "
+                raise InvalidRequestError(f"{where} is {len(prompt_ids)} tokens once formatted; the limit is {limit}"
                                           f"{hint}")
             ids[i], truncated[i] = prompt_ids[-limit:], True
             formatted[i] = tokenizer.decode(ids[i])
